@@ -1,0 +1,113 @@
+"""Configuration of the SharedLLM method, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["SharedCtxConfig", "LOWER_FIELDS"]
+
+Policy = Literal["query", "right", "left", "random"]
+Positions = Literal["chunk", "none"]
+Sampling = Literal["end", "start"]
+
+_POLICIES = ("query", "right", "left", "random")
+_POSITIONS = ("chunk", "none")
+_SAMPLING = ("end", "start")
+_GATES = ("tanh", "linear")
+
+#: Fields that shape the compressed states of a node (the lower side). A node cached under one value of any
+#: of these is not valid under another; `TreeStore` keys include them.
+LOWER_FIELDS = ("injection_layers", "chunk_size", "tree_height", "node_keep", "sampling")
+
+
+@dataclass
+class SharedCtxConfig:
+    """Options of the SharedLLM method (all keyword arguments).
+
+    Attributes:
+        injection_layers: ``M``, the number of bottom layers that compress the context (lower model) and
+            that receive cross-attention in the upper model.
+        chunk_size: ``C``, tokens per chunk; each chunk is the root of a context tree.
+        tree_height: ``h``, the number of levels of splitting below each chunk root.
+        node_keep: states kept per preserved node after sampling (per layer, per key/value head).
+        policy: which child to expand at each split: ``query`` (cosine to the query key), ``right``,
+            ``left`` or ``random``.
+        positions: ``chunk`` rotates the keys of chunk ``i`` by RoPE position ``i`` and queries by ``n``,
+            the number of injected chunks; ``none`` adds no position (ablation).
+        sampling: ``end`` keeps the state that ends each stride window, ``start`` the one that begins it.
+        split_noise: standard deviation of the split point, as a fraction of the node length, used only
+            while training (the paper uses 1/5).
+        gate: ``tanh`` (output scaled by ``tanh(g)``) or ``linear`` (scaled by ``g``); both start at 0.
+        seed: seed of the ``random`` policy and of split noise.
+        max_batch_tokens: upper bound on tokens per batched lower-model pass (memory bound while encoding).
+        attn_backend: cross-attention backend: ``auto``, ``eager``, ``sdpa`` or a registered kernel backend.
+    """
+
+    injection_layers: int = 4
+    chunk_size: int = 1024
+    tree_height: int = 3
+    node_keep: int = 32
+    policy: Policy = "query"
+    positions: Positions = "chunk"
+    sampling: Sampling = "end"
+    split_noise: float = 0.2
+    gate: str = "tanh"
+    seed: int = 0
+    max_batch_tokens: int = 16384
+    attn_backend: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SharedCtxConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in ("injection_layers", "chunk_size", "tree_height", "node_keep", "max_batch_tokens"):
+            positive(name)
+        if self.chunk_size < 2**self.tree_height:
+            raise ValueError(
+                f"chunk_size={self.chunk_size} is too small for tree_height={self.tree_height}: every split "
+                f"needs at least one token per child, so use chunk_size >= {2**self.tree_height} or a lower tree_height"
+            )
+        if self.policy not in _POLICIES:
+            raise ValueError(f"SharedCtxConfig.policy must be one of {_POLICIES}, got {self.policy!r}")
+        if self.positions not in _POSITIONS:
+            raise ValueError(f"SharedCtxConfig.positions must be one of {_POSITIONS}, got {self.positions!r}")
+        if self.sampling not in _SAMPLING:
+            raise ValueError(f"SharedCtxConfig.sampling must be one of {_SAMPLING}, got {self.sampling!r}")
+        if self.gate not in _GATES:
+            raise ValueError(f"SharedCtxConfig.gate must be one of {_GATES}, got {self.gate!r}")
+        if not 0.0 <= float(self.split_noise) < 0.5:
+            raise ValueError(f"SharedCtxConfig.split_noise must be in [0, 0.5), got {self.split_noise!r}")
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SharedCtxConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SharedCtxConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes: Any) -> SharedCtxConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def lower_signature(self) -> dict[str, Any]:
+        """The fields that shape compressed node states (see `LOWER_FIELDS`)."""
+        return {name: getattr(self, name) for name in LOWER_FIELDS}
+
+    @property
+    def states_per_chunk(self) -> int:
+        """Injected states per full chunk: ``h + 1`` preserved nodes of at most ``node_keep`` states."""
+        return (self.tree_height + 1) * self.node_keep
