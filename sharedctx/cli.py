@@ -1,0 +1,146 @@
+"""The ``sharedctx`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "read_text_file"]
+
+UNTRAINED_NOTE = (
+    "note: this model's injection adapter is untrained (it starts as the identity), so the answer does not "
+    "read the context yet; pass --adapter DIR with a trained adapter"
+)
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text file, refusing binary or non-UTF-8 content with a clear error."""
+    from .errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise InputError(f"{path}: looks like a binary file (it contains NUL bytes); give a text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); convert it, e.g. `iconv -t utf-8`") from exc
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="base model id or local folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", default=None, help="adapter folder written by save_pretrained")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
+    p.add_argument("--injection-layers", type=int, default=None, help="M, bottom layers that compress and read (default 4)")
+    p.add_argument("--chunk-size", type=int, default=None, help="C, tokens per chunk (default 1024)")
+    p.add_argument("--tree-height", type=int, default=None, help="h, levels of splitting (default 3)")
+    p.add_argument("--node-keep", type=int, default=None, help="states kept per node (default 32)")
+    p.add_argument("--policy", choices=["query", "right", "left", "random"], default=None)
+
+
+def _load(args):
+    from .config import SharedCtxConfig
+    from .model import SharedLLM, default_adapter_path
+
+    changes = {
+        name: getattr(args, name)
+        for name in ("injection_layers", "chunk_size", "tree_height", "node_keep", "policy")
+        if getattr(args, name) is not None
+    }
+    config = None
+    if changes:
+        adapter = args.adapter or (default_adapter_path() if args.model is None else None)
+        start = SharedCtxConfig()
+        if adapter is not None:
+            from .model import ADAPTER_CONFIG
+
+            start = SharedCtxConfig.from_dict(json.loads((Path(adapter) / ADAPTER_CONFIG).read_text())["config"])
+        config = start.replace(**changes)
+    return SharedLLM.from_pretrained(args.model, adapter=args.adapter, config=config, device=args.device, dtype=args.dtype)
+
+
+def _cmd_ask(args) -> int:
+    from .errors import InputError
+
+    t0 = time.perf_counter()
+    if not args.file:
+        raise InputError("give at least one --file PATH to read")
+    texts = [read_text_file(f) for f in args.file]
+    context = "\n\n".join(t for t in texts if t.strip())
+    if not context.strip():
+        raise InputError(f"the files {args.file} hold no text to read")
+    llm = _load(args)
+    t_load = time.perf_counter()
+    stream = sys.stdout.isatty() and not args.json
+    if not llm.adapter_trained and not args.json:
+        print(UNTRAINED_NOTE, file=sys.stderr)
+    stats: dict = {}
+    chunks = []
+    for delta in llm.stream(args.question, context=context, max_new_tokens=args.max_new_tokens, temperature=args.temperature, stats=stats):
+        chunks.append(delta)
+        if stream:
+            print(delta, end="", flush=True)
+    answer = "".join(chunks)
+    end = time.perf_counter()
+    timings = dict(stats.pop("timings", {}))
+    timings["load_s"] = t_load - t0
+    timings["total_s"] = end - t0
+    stats.pop("token_ids", None)
+    stats.pop("injected_nodes", None)
+    stats["adapter"] = {"path": llm.adapter_path, "trained": llm.adapter_trained}
+    if args.json:
+        payload = {"answer": answer, "stats": stats, "timings": {k: round(v, 4) for k, v in timings.items()}}
+        if not llm.adapter_trained:
+            payload["warning"] = UNTRAINED_NOTE
+        print(json.dumps(payload, indent=2))
+    elif stream:
+        print()
+    else:
+        print(answer)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="sharedctx", description="Long contexts through multi-grained self-injection.")
+    parser.add_argument("--version", action="version", version=f"sharedctx {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer a question about files, reading them through the context tree")
+    ask.add_argument("question")
+    ask.add_argument("--file", action="append", default=[], metavar="PATH", help="a text file to read (repeatable)")
+    _add_model_args(ask)
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--json", action="store_true", help="print {answer, stats, timings} as JSON")
+    ask.set_defaults(func=_cmd_ask)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import SharedCtxError
+    from .models import ModelLoadError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (SharedCtxError, ModelLoadError, ValueError) as exc:
+        print(f"sharedctx: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

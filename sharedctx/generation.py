@@ -1,0 +1,108 @@
+"""Decoding with injected states held fixed: prefill, one token at a time, sampling, stop strings, streaming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+__all__ = ["SamplingOptions", "sample_next", "StopMatcher"]
+
+
+@dataclass
+class SamplingOptions:
+    """How the next token is drawn: greedy when ``temperature == 0``."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """``logits (B, V) -> (B,)`` next token ids."""
+    if opts.temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / opts.temperature
+    if opts.top_k:
+        kth = torch.topk(logits, min(opts.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > opts.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+class StopMatcher:
+    """Turns a growing decoded text into safe-to-emit deltas, holding back what may begin a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.emitted = 0
+        self.stopped = False
+
+    def feed(self, text: str, final: bool = False) -> str:
+        """The new text to emit given the whole decoded ``text`` so far; sets `stopped` at a stop string."""
+        cut = len(text)
+        for s in self.stops:
+            at = text.find(s)
+            if at != -1 and at < cut:
+                cut = at
+                self.stopped = True
+        safe = cut if (self.stopped or final) else max(self.emitted, cut - self._partial(text[:cut]))
+        if not (self.stopped or final):
+            while safe > self.emitted and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
+                safe -= 1
+        delta = text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return delta
+
+    def _partial(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+def token_stream(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    first_logits: torch.Tensor,
+    opts: SamplingOptions,
+    eos_ids: set[int],
+    generator: torch.Generator | None,
+) -> Iterator[int]:
+    """Yield generated token ids: sample from ``first_logits (1, V)``, then ``step(token (1, 1)) -> logits (1, V)``."""
+    logits = first_logits
+    for i in range(opts.max_new_tokens):
+        token = sample_next(logits, opts, generator)
+        tid = int(token[0])
+        if tid in eos_ids:
+            return
+        yield tid
+        if i + 1 < opts.max_new_tokens:
+            logits = step(token.view(1, 1))

@@ -1,0 +1,184 @@
+"""Cross-attention blocks attached to the bottom M layers of the base model (adapter-style, no fork).
+
+Each wrapped layer computes, for its slot ``i``::
+
+    h = h + self_attn(input_layernorm(h))
+    h = h + gate * o_proj(attn(rope(q_proj(norm(h)), n), K_i, V_i))      # only while states are injected
+    h = h + mlp(post_attention_layernorm(h))
+
+where ``K_i, V_i`` are the states lower layer ``i`` produced for the context. ``gate`` starts at 0, so the
+wrapped model equals the base model exactly until trained. Injected states reach the layers through a
+context variable, so concurrent threads each see their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .ops.dispatch import resolve_backend
+
+__all__ = ["Injection", "CrossAttention", "InjectedDecoderLayer", "attach", "detach", "injecting", "injection_disabled"]
+
+
+@dataclass
+class Injection:
+    """States injected into the upper model, fixed for a whole forward or generation.
+
+    Attributes:
+        keys, values: per layer slot, ``(B, Hkv, S, D)``.
+        key_pos: ``(B, S)`` chunk position of each state, or None for ``positions="none"``.
+        query_pos: ``(B,)`` query chunk position ``n`` (the number of injected chunks).
+        key_mask: ``(B, S)`` bool, True where a state is real; None when no row is padded.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_pos: torch.Tensor | None
+    query_pos: torch.Tensor
+    key_mask: torch.Tensor | None = None
+    #: per batch row, the provenance of the injected nodes (document order)
+    nodes: list | None = None
+
+    @property
+    def n_states(self) -> int:
+        return int(self.keys[0].shape[2]) if self.keys else 0
+
+    def expand(self, batch: int) -> Injection:
+        """The same states for ``batch`` rows (from one row)."""
+        if self.keys[0].shape[0] == batch:
+            return self
+        if self.keys[0].shape[0] != 1:
+            raise ValueError(f"injected states for {self.keys[0].shape[0]} rows cannot serve a batch of {batch}")
+
+        def ex(t):
+            return None if t is None else t.expand(batch, *t.shape[1:])
+
+        return Injection([ex(k) for k in self.keys], [ex(v) for v in self.values], ex(self.key_pos), ex(self.query_pos), ex(self.key_mask))
+
+
+_ACTIVE: ContextVar[Injection | None] = ContextVar("sharedctx_injection", default=None)
+
+
+@contextlib.contextmanager
+def injecting(injection: Injection | None) -> Iterator[None]:
+    """Make ``injection`` visible to the wrapped layers within the block (per thread / task)."""
+    token = _ACTIVE.set(injection)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def injection_disabled():
+    return injecting(None)
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention of a layer's hidden states over injected K/V, initialised from the layer's own attention."""
+
+    def __init__(self, layer: nn.Module, slot: int, *, gate: str = "tanh", backend: str = "auto") -> None:
+        super().__init__()
+        attn = layer.self_attn
+        self.slot = slot
+        self.gate_kind = gate
+        self.backend = backend
+        self.head_dim = int(getattr(attn, "head_dim", attn.q_proj.out_features // attn.config.num_attention_heads))
+        self.num_heads = attn.q_proj.out_features // self.head_dim
+        self.scaling = float(getattr(attn, "scaling", self.head_dim**-0.5))
+        self.norm = copy.deepcopy(layer.input_layernorm)
+        self.q_proj = copy.deepcopy(attn.q_proj)
+        self.o_proj = copy.deepcopy(attn.o_proj)
+        self.q_norm = copy.deepcopy(attn.q_norm) if hasattr(attn, "q_norm") else None  # Qwen3
+        ref = attn.q_proj.weight
+        self.gate = nn.Parameter(torch.zeros((), dtype=ref.dtype, device=ref.device))
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def gate_value(self) -> torch.Tensor:
+        return torch.tanh(self.gate) if self.gate_kind == "tanh" else self.gate
+
+    def forward(self, hidden: torch.Tensor, injection: Injection, inv_freq: torch.Tensor, attention_scaling: float) -> torch.Tensor:
+        """``hidden (B, T, hidden) -> (B, T, hidden)``: the gated update to add to the residual stream."""
+        batch, length, _ = hidden.shape
+        injection = injection.expand(batch)
+        q = self.q_proj(self.norm(hidden)).view(batch, length, self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = injection.keys[self.slot].to(q.dtype)
+        v = injection.values[self.slot].to(q.dtype)
+        backend = resolve_backend(self.backend, q.device, q.dtype)
+        out = backend.fn(
+            q,
+            k,
+            v,
+            key_pos=injection.key_pos,
+            query_pos=injection.query_pos,
+            inv_freq=inv_freq,
+            attention_scaling=attention_scaling,
+            key_mask=injection.key_mask,
+            scaling=self.scaling,
+        )  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.gate_value().to(out.dtype) * self.o_proj(out)
+
+
+class InjectedDecoderLayer(nn.Module):
+    """A base decoder layer with a cross-attention block between self-attention and MLP."""
+
+    def __init__(self, layer: nn.Module, cross: CrossAttention, rotary: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.cross = cross
+        # the rotary embedding is shared with the base model; keep it out of this module's parameters/buffers
+        object.__setattr__(self, "_rotary", rotary)
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:
+            raise TypeError("InjectedDecoderLayer expects keyword arguments after hidden_states")
+        layer = self.layer
+        residual = hidden_states
+        x = layer.input_layernorm(hidden_states)
+        x = layer.self_attn(hidden_states=x, **kwargs)[0]
+        hidden_states = residual + x
+        injection = _ACTIVE.get()
+        if injection is not None and injection.n_states > 0:
+            hidden_states = hidden_states + self.cross(
+                hidden_states, injection, self._rotary.inv_freq, float(getattr(self._rotary, "attention_scaling", 1.0))
+            )
+        residual = hidden_states
+        x = layer.mlp(layer.post_attention_layernorm(hidden_states))
+        return residual + x
+
+
+def attach(model: nn.Module, n_layers: int, *, gate: str = "tanh", backend: str = "auto") -> nn.ModuleList:
+    """Wrap the bottom ``n_layers`` decoder layers of ``model`` and return the new cross-attention blocks."""
+    layers = model.model.layers
+    if n_layers > len(layers):
+        raise ValueError(f"injection_layers={n_layers} exceeds the model's {len(layers)} layers")
+    blocks = []
+    for i in range(n_layers):
+        layer = layers[i]
+        if isinstance(layer, InjectedDecoderLayer):
+            raise ValueError("this model already has sharedctx cross-attention attached; wrap the original model once")
+        cross = CrossAttention(layer, i, gate=gate, backend=backend)
+        layers[i] = InjectedDecoderLayer(layer, cross, model.model.rotary_emb)
+        blocks.append(cross)
+    return nn.ModuleList(blocks)
+
+
+def detach(model: nn.Module) -> None:
+    """Restore the original decoder layers."""
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        if isinstance(layer, InjectedDecoderLayer):
+            layers[i] = layer.layer

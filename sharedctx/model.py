@@ -1,0 +1,593 @@
+"""SharedLLM: one causal LM reading long contexts through its own compressed states."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import LOWER_FIELDS, SharedCtxConfig
+from .encoder import LowerEncoder, cache_kwarg
+from .errors import AdapterMismatchError, ContextMismatchError, PromptTooLongError
+from .generation import SamplingOptions, StopMatcher, token_stream
+from .injection import Injection, attach, injecting
+from .models import DEFAULT_MODEL_NAME, base_fingerprint, check_supported, load_base_model
+from .policy import make_chooser, walk_trees
+from .tree import ContextTree, InjectedNode, NodeStates
+
+__all__ = ["SharedLLM", "Completion", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "default_adapter_path"]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "sharedctx_adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+_DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
+
+ContextLike = ContextTree | str | Sequence[int] | torch.Tensor
+
+
+def default_adapter_path() -> Path | None:
+    """The adapter shipped for the default model, when one ships."""
+    return _DEFAULT_ADAPTER if (_DEFAULT_ADAPTER / ADAPTER_CONFIG).is_file() else None
+
+
+@dataclass
+class Completion:
+    """A generated answer with what it cost."""
+
+    text: str
+    token_ids: list[int]
+    stats: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class SharedLLM(nn.Module):
+    """A base causal LM whose bottom layers compress a context and whose bottom layers read it back.
+
+    Build with `from_pretrained` (a model id or path, or the default model) or `from_model` (an in-memory
+    transformers model). Only the cross-attention blocks (`injection`) are new parameters.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, config: SharedCtxConfig | None = None) -> None:
+        super().__init__()
+        check_supported(model)
+        self.config = config or SharedCtxConfig()
+        n_layers = model.config.num_hidden_layers
+        if self.config.injection_layers > n_layers:
+            raise ValueError(
+                f"injection_layers={self.config.injection_layers} exceeds the base model's {n_layers} layers; "
+                f"use SharedCtxConfig(injection_layers<={n_layers})"
+            )
+        self.fingerprint = base_fingerprint(model)  # before attaching: the base model as it was given
+        self.base = model
+        self.tokenizer = tokenizer
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.injection = attach(model, self.config.injection_layers, gate=self.config.gate, backend=self.config.attn_backend)
+        self.encoder = LowerEncoder(model, self.config)
+        self._cache_kw = cache_kwarg(model.forward)
+        self.adapter_trained = False
+        self.adapter_path: str | None = None
+        self.train(model.training)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any = None, *, config: SharedCtxConfig | None = None) -> SharedLLM:
+        """Wrap an in-memory transformers causal LM (its bottom layers are wrapped in place)."""
+        return cls(model, tokenizer, config=config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike | None = None,
+        *,
+        adapter: str | os.PathLike | bool | None = None,
+        config: SharedCtxConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        attn_implementation: str | None = None,
+    ) -> SharedLLM:
+        """Load a base model and, optionally, an adapter.
+
+        Args:
+            base: Hugging Face id or local folder; None for the default model (SmolLM2-135M-Instruct).
+            adapter: a folder written by `save_pretrained`; None uses the shipped default adapter with the
+                default model (when one ships); False never loads one.
+            config: options; when an adapter is loaded, its configuration is used and ``config`` may only
+                change options that do not shape the adapter's parameters.
+        """
+        model, tokenizer = load_base_model(base, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        adapter_dir: Path | None = None
+        if adapter is None and base is None:
+            adapter_dir = default_adapter_path()
+        elif adapter not in (None, False, True):
+            adapter_dir = Path(adapter)  # type: ignore[arg-type]
+        if adapter_dir is None:
+            return cls(model, tokenizer, config=config)
+        saved = _read_adapter_config(adapter_dir)
+        merged = _merge_configs(SharedCtxConfig.from_dict(saved["config"]), config, adapter_dir)
+        llm = cls(model, tokenizer, config=merged)
+        llm.load_adapter(adapter_dir)
+        return llm
+
+    # ------------------------------------------------------------------ adapters
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write only the new parameters: ``sharedctx_adapter.json`` + ``adapter.safetensors``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.injection.state_dict().items()}
+        save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        meta = {
+            "sharedctx_version": __version__,
+            "base_fingerprint": self.fingerprint,
+            "base_model_type": self.base.config.model_type,
+            "base_name_or_path": getattr(self.base.config, "_name_or_path", "") or DEFAULT_MODEL_NAME,
+            "config": self.config.to_dict(),
+            "trained": self.adapter_trained,
+        }
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        """Load adapter weights saved by `save_pretrained`, refusing one made for another base model."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = _read_adapter_config(directory)
+        if meta["base_fingerprint"] != self.fingerprint:
+            raise AdapterMismatchError(
+                f"the adapter in {directory} was made for base model {meta['base_fingerprint']} "
+                f"({meta.get('base_name_or_path', '?')}), but this base model is {self.fingerprint}. "
+                "Load it on the base model it was trained for, or train one for this model (`sharedctx train`)."
+            )
+        saved = SharedCtxConfig.from_dict(meta["config"])
+        for name in ("injection_layers", "gate"):
+            if getattr(saved, name) != getattr(self.config, name):
+                raise AdapterMismatchError(
+                    f"the adapter in {directory} has {name}={getattr(saved, name)!r} but this model has "
+                    f"{name}={getattr(self.config, name)!r}; build the model with the adapter's configuration"
+                )
+        path = directory / ADAPTER_WEIGHTS
+        try:
+            state = load_file(str(path))
+        except Exception as exc:
+            raise AdapterMismatchError(f"cannot read adapter weights {path}: {exc}") from exc
+        expected = self.injection.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            raise AdapterMismatchError(f"the adapter weights in {path} do not match this model's cross-attention shapes")
+        self.injection.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+        self.adapter_trained = bool(meta.get("trained", True))
+        self.adapter_path = str(directory)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.base.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.model.embed_tokens.weight.dtype
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.base.config, "max_position_embeddings", 0) or 0)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ contexts
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this SharedLLM has no tokenizer: pass token ids, or build it with a tokenizer")
+        return self.tokenizer
+
+    def context_tree(self, context: ContextLike) -> ContextTree:
+        """A lazy tree (tokens only) for text or token ids; a `ContextTree` is checked and returned."""
+        cfg = self.config
+        if isinstance(context, ContextTree):
+            self._check_tree(context)
+            return context
+        text = None
+        offsets = None
+        if isinstance(context, str):
+            text = context
+            enc = self._require_tokenizer()(context, add_special_tokens=False, return_offsets_mapping=True)
+            ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+            offsets = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+        else:
+            ids = torch.as_tensor(context, dtype=torch.long).reshape(-1).cpu()
+        vocab = self.base.config.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"context token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+        return ContextTree(
+            input_ids=ids,
+            chunk_size=cfg.chunk_size,
+            tree_height=cfg.tree_height,
+            node_keep=cfg.node_keep,
+            sampling=cfg.sampling,
+            fingerprint=self.fingerprint,
+            text=text,
+            offsets=offsets,
+        )
+
+    def _check_tree(self, tree: ContextTree) -> None:
+        if tree.fingerprint != self.fingerprint:
+            raise ContextMismatchError(
+                f"this context tree was encoded by base model {tree.fingerprint}, not {self.fingerprint}; encode it again with this model"
+            )
+        mine = self.config.lower_signature()
+        theirs = {"chunk_size": tree.chunk_size, "tree_height": tree.tree_height, "node_keep": tree.node_keep, "sampling": tree.sampling}
+        diff = {k: (theirs[k], mine[k]) for k in theirs if theirs[k] != mine[k]}
+        if diff:
+            raise ContextMismatchError(f"context tree options differ from this model's config (tree, model): {diff}; encode it again")
+
+    def encode(self, context: ContextLike, *, precompute: bool = True, show_progress: bool = False) -> ContextTree:
+        """Tokenize a context and, with ``precompute``, encode every node of every chunk's tree once."""
+        tree = self.context_tree(context)
+        if precompute and not tree.precomputed and tree.n_tokens:
+            with torch.no_grad():
+                self.encoder.encode_tree(tree, show_progress=show_progress)
+        return tree
+
+    # ------------------------------------------------------------------ selection and injection
+    def query_keys(self, input_ids: torch.Tensor, query_lengths: Sequence[int]) -> torch.Tensor:
+        """``(B, hidden)`` query keys: last query token after layer 1 (without injection) + final norm."""
+        keys = []
+        with torch.no_grad():
+            for row, n in zip(input_ids, query_lengths):
+                _, _, first = self.encoder.run(row[:n].reshape(1, -1), 1)
+                keys.append(self.base.model.norm(first[:, -1]).float()[0])
+        return torch.stack(keys)
+
+    def select(
+        self, tree: ContextTree, query_key: torch.Tensor | None, *, chunks: Sequence[int] | None = None, generator: torch.Generator | None = None
+    ) -> list[tuple[tuple[int, int, int], tuple[int, int], NodeStates]]:
+        """Walk the trees of ``chunks`` (all by default) and return the preserved nodes with their states."""
+        cfg = self.config
+        spans = tree.spans
+        chunk_ids = range(len(spans)) if chunks is None else chunks
+        if generator is None:
+            generator = torch.Generator().manual_seed(cfg.seed)
+        noise = cfg.split_noise if (self.training and not tree.precomputed) else 0.0
+        ids = tree.input_ids
+
+        if tree.precomputed:
+            def keys_fn(node_ids, node_spans):
+                return torch.stack([tree.nodes[n].key for n in node_ids])
+        else:
+            def keys_fn(node_ids, node_spans):
+                return self.encoder.node_keys(ids, node_spans)
+
+        chooser = make_chooser(cfg.policy, query_key=query_key, keys_fn=keys_fn, generator=generator)
+        walk = walk_trees({c: spans[c] for c in chunk_ids}, cfg.tree_height, chooser, split_noise=noise, generator=generator)
+        nodes = walk.nodes()
+        if tree.precomputed:
+            states = [tree.nodes[n] for n, _ in nodes]
+        else:
+            states = self.encoder.encode_spans(ids, [span for _, span in nodes])
+        return [(n, span, st) for (n, span), st in zip(nodes, states)]
+
+    def prepare_injection(
+        self,
+        context: ContextLike | Sequence[ContextLike],
+        input_ids: torch.Tensor,
+        *,
+        query_length: int | Sequence[int] | None = None,
+        labels: torch.Tensor | None = None,
+        chunks: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Injection | None:
+        """Select nodes for each row's query and assemble the injected states (None when nothing to inject)."""
+        cfg = self.config
+        input_ids = torch.as_tensor(input_ids).to(self.device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        batch, length = input_ids.shape
+        if isinstance(context, (list, tuple)) and context and not isinstance(context[0], int):
+            contexts = list(context)
+            if len(contexts) != batch:
+                raise ValueError(f"got {len(contexts)} contexts for a batch of {batch}")
+        else:
+            contexts = [context] * batch
+        trees = [self.context_tree(c) for c in contexts]
+        shared = all(t is trees[0] for t in trees)
+        qlens = _query_lengths(batch, length, query_length, labels)
+        qkeys = self.query_keys(input_ids, qlens) if cfg.policy == "query" else None
+        row_chunks = _row_chunks(chunks, batch)
+
+        rows: list[list[tuple[tuple[int, int, int], tuple[int, int], NodeStates]]] = []
+        if shared and qkeys is None and row_chunks[0] == row_chunks[-1]:
+            rows = [self.select(trees[0], None, chunks=row_chunks[0], generator=generator)] * batch
+        else:
+            for b in range(batch):
+                rows.append(self.select(trees[b], None if qkeys is None else qkeys[b], chunks=row_chunks[b], generator=generator))
+        if all(not r for r in rows):
+            return None
+        return self._assemble(rows)
+
+    def _assemble(self, rows) -> Injection:
+        cfg = self.config
+        device, dtype = self.device, self.dtype
+        m = cfg.injection_layers
+        per_row_k, per_row_v, per_row_pos, provenance = [], [], [], []
+        for selected in rows:
+            order = sorted(selected, key=lambda item: (item[0][0], item[1][0]))
+            chunk_rank = {c: r for r, c in enumerate(sorted({n[0] for n, _, _ in order}))}
+            ks, vs, pos, prov = [], [], [], []
+            offset = 0
+            for (c, level, index), (s, e), st in order:
+                n = st.n_states
+                ks.append(st.keys)
+                vs.append(st.values)
+                pos.append(torch.full((n,), chunk_rank[c], dtype=torch.long))
+                prov.append(InjectedNode(c, level, index, s, e, n, offset))
+                offset += n
+            if ks:
+                per_row_k.append(torch.cat(ks, dim=2).to(device=device, dtype=dtype))  # (M, Hkv, S, D)
+                per_row_v.append(torch.cat(vs, dim=2).to(device=device, dtype=dtype))
+                per_row_pos.append(torch.cat(pos))
+            else:
+                per_row_k.append(None)
+                per_row_v.append(None)
+                per_row_pos.append(torch.zeros(0, dtype=torch.long))
+            provenance.append(prov)
+        ref = next(k for k in per_row_k if k is not None)
+        _, hkv, _, d = ref.shape
+        s_max = max(p.numel() for p in per_row_pos)
+        batch = len(rows)
+        keys = torch.zeros(batch, m, hkv, s_max, d, device=device, dtype=dtype)
+        values = torch.zeros_like(keys)
+        key_pos = torch.zeros(batch, s_max, dtype=torch.long, device=device)
+        mask = torch.zeros(batch, s_max, dtype=torch.bool, device=device)
+        n_chunks = torch.zeros(batch, dtype=torch.long, device=device)
+        for b in range(batch):
+            s = per_row_pos[b].numel()
+            if s:
+                keys[b, :, :, :s] = per_row_k[b]
+                values[b, :, :, :s] = per_row_v[b]
+                key_pos[b, :s] = per_row_pos[b].to(device)
+                mask[b, :s] = True
+                n_chunks[b] = int(per_row_pos[b].max()) + 1
+        return Injection(
+            keys=[keys[:, i] for i in range(m)],
+            values=[values[:, i] for i in range(m)],
+            key_pos=key_pos if cfg.positions == "chunk" else None,
+            query_pos=n_chunks,
+            key_mask=None if bool(mask.all()) else mask,
+            nodes=provenance,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def _check_length(self, length: int) -> None:
+        if self.max_positions and length > self.max_positions:
+            raise PromptTooLongError(
+                f"the prompt has {length} tokens but the base model's window is {self.max_positions}; "
+                "put long text into the context (it is compressed into the tree), not into the prompt"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        context: ContextLike | Sequence[ContextLike] | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        query_length: int | Sequence[int] | None = None,
+        injection: Injection | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ):
+        """Run the upper model on ``input_ids (B, T)`` reading ``context`` through injected states.
+
+        The query representation of each row uses only its first ``query_length`` tokens; by default the
+        whole input, or, with ``labels``, the tokens before the first scored one. Returns the base model's
+        ``CausalLMOutputWithPast`` (with ``loss`` when ``labels`` are given).
+        """
+        input_ids = torch.as_tensor(input_ids).to(self.device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        past = 0 if past_key_values is None else int(past_key_values.get_seq_length())
+        self._check_length(past + input_ids.shape[1])
+        if injection is None and context is not None:
+            injection = self.prepare_injection(context, input_ids, query_length=query_length, labels=labels)
+        kwargs: dict[str, Any] = {}
+        if past_key_values is not None:
+            kwargs[self._cache_kw] = past_key_values
+        if labels is not None:
+            kwargs["labels"] = torch.as_tensor(labels).to(self.device)
+        with injecting(injection):
+            return self.base(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs
+            )
+
+    # ------------------------------------------------------------------ generation
+    def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor, chat: bool, system: str | None) -> torch.Tensor:
+        if isinstance(prompt, str):
+            tok = self._require_tokenizer()
+            if chat and getattr(tok, "chat_template", None):
+                messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+            else:
+                ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            ids = prompt
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.device)
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.base, "generation_config", None), self.base.config, self.tokenizer):
+            value = getattr(src, "eos_token_id", None) if src is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        *,
+        context: ContextLike | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | str = (),
+        seed: int | None = None,
+        chat: bool = True,
+        system: str | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer's text as it is decoded. Injected states are built once from the prompt."""
+        opts = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop)
+        stats = {} if stats is None else stats
+        t0 = time.perf_counter()
+        ids = self._prompt_ids(prompt, chat, system)
+        self._check_length(ids.shape[1] + opts.max_new_tokens)
+        injection = None
+        tree = None
+        if context is not None:
+            tree = self.context_tree(context)
+            with torch.no_grad():
+                injection = self.prepare_injection(tree, ids)
+        t_inject = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        tok = self.tokenizer
+        matcher = StopMatcher(opts.stop)
+        generated: list[int] = []
+        state: dict[str, Any] = {}
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            out = self.forward(token, injection=injection, past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+            state["cache"] = _output_cache(out)
+            return out.logits[:, -1]
+
+        with torch.no_grad():
+            out = self.forward(ids, injection=injection, use_cache=True, logits_to_keep=1)
+            state["cache"] = _output_cache(out)
+            t_prefill = time.perf_counter()
+            first_token_at = None
+            for tid in token_stream(step, out.logits[:, -1], opts, self._eos_ids(), generator):
+                generated.append(tid)
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                if tok is None:
+                    continue
+                delta = matcher.feed(tok.decode(generated, skip_special_tokens=True))
+                if delta:
+                    yield delta
+                if matcher.stopped:
+                    break
+            if tok is not None and not matcher.stopped:
+                tail = matcher.feed(tok.decode(generated, skip_special_tokens=True), final=True)
+                if tail:
+                    yield tail
+        end = time.perf_counter()
+        stats.update(
+            {
+                "prompt_tokens": int(ids.shape[1]),
+                "generated_tokens": len(generated),
+                "context_tokens": 0 if tree is None else tree.n_tokens,
+                "chunks": 0 if tree is None else tree.n_chunks,
+                "injected_states": 0 if injection is None else injection.n_states,
+                "injected_nodes": [] if injection is None else [vars(n) for n in injection.nodes[0]],
+                "token_ids": generated,
+                "timings": {
+                    "inject_s": t_inject - t0,
+                    "prefill_s": t_prefill - t_inject,
+                    "first_token_s": (first_token_at or end) - t0,
+                    "decode_s": end - t_prefill,
+                    "total_s": end - t0,
+                    "tokens_per_s": len(generated) / max(end - t_prefill, 1e-9),
+                },
+            }
+        )
+
+    def complete(self, prompt: str | Sequence[int] | torch.Tensor, **kwargs: Any) -> Completion:
+        """Generate and return the text with token ids, statistics and timings (see `stream` for options)."""
+        stats: dict[str, Any] = {}
+        text = "".join(self.stream(prompt, stats=stats, **kwargs))
+        timings = stats.pop("timings", {})
+        token_ids = stats.pop("token_ids", [])
+        return Completion(text=text, token_ids=token_ids, stats=stats, timings=timings)
+
+    def generate(self, prompt: str | Sequence[int] | torch.Tensor, *, context: ContextLike | None = None, **kwargs: Any) -> str:
+        """The answer to ``prompt`` reading ``context`` (greedy by default). Options: ``max_new_tokens``,
+        ``temperature``, ``top_k``, ``top_p``, ``stop``, ``seed``, ``chat``, ``system``."""
+        return self.complete(prompt, context=context, **kwargs).text
+
+
+# ---------------------------------------------------------------------- helpers
+def _output_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _query_lengths(batch: int, length: int, query_length, labels) -> list[int]:
+    if query_length is not None:
+        qls = [int(query_length)] * batch if isinstance(query_length, int) else [int(q) for q in query_length]
+    elif labels is not None:
+        labels = torch.as_tensor(labels)
+        qls = []
+        for row in labels.reshape(batch, -1):
+            scored = (row[1:] != -100).nonzero()
+            # logits at t predict token t+1: tokens from the first scored one on never reach the query
+            qls.append(int(scored[0]) + 1 if scored.numel() else length)
+    else:
+        qls = [length] * batch
+    if len(qls) != batch or any(not 1 <= q <= length for q in qls):
+        raise ValueError(f"query lengths must be in [1, {length}] for each of {batch} rows, got {qls}")
+    return qls
+
+
+def _row_chunks(chunks, batch: int) -> list[Sequence[int] | None]:
+    if chunks is None:
+        return [None] * batch
+    if chunks and isinstance(chunks[0], (list, tuple)):
+        if len(chunks) != batch:
+            raise ValueError(f"got chunk lists for {len(chunks)} rows, batch is {batch}")
+        return list(chunks)
+    return [chunks] * batch
+
+
+def _read_adapter_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise AdapterMismatchError(f"{directory} is not a sharedctx adapter: {ADAPTER_CONFIG} is missing")
+    try:
+        meta = json.loads(path.read_text())
+        meta["config"], meta["base_fingerprint"]
+    except (ValueError, KeyError) as exc:
+        raise AdapterMismatchError(f"{path} is not a valid sharedctx adapter config: {exc}") from exc
+    return meta
+
+
+def _merge_configs(saved: SharedCtxConfig, given: SharedCtxConfig | None, where: Path) -> SharedCtxConfig:
+    """The adapter's config, with runtime options taken from ``given``; shape-changing differences are refused."""
+    if given is None:
+        return saved
+    for name in ("injection_layers", "gate"):
+        if getattr(given, name) != getattr(saved, name):
+            raise AdapterMismatchError(
+                f"config.{name}={getattr(given, name)!r} is incompatible with the adapter in {where} "
+                f"({name}={getattr(saved, name)!r}); leave it at the adapter's value"
+            )
+    changed = [f for f in LOWER_FIELDS if getattr(given, f) != getattr(saved, f)]
+    if changed:
+        logger.warning("using options %s that differ from those the adapter in %s was trained with", changed, where)
+    return given

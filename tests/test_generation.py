@@ -1,0 +1,69 @@
+"""Generation: greedy equals the argmax of a full forward, sampling is seeded, stop strings, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_llm, random_ids
+from sharedctx.generation import SamplingOptions, StopMatcher
+
+
+def test_greedy_generation_matches_full_forward_argmax():
+    llm = make_llm(gates=1.0)
+    context = llm.encode(random_ids(90, seed=1))
+    prompt = random_ids(8, seed=2).tolist()
+    completion = llm.complete(prompt, context=context, max_new_tokens=10)
+    tokens = completion.token_ids
+    assert 0 < len(tokens) <= 10
+    full = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = llm(full, context=context, query_length=len(prompt)).logits[0]
+    for i, tid in enumerate(tokens):
+        assert int(logits[len(prompt) - 1 + i].argmax()) == tid
+    assert completion.stats["injected_states"] > 0 and completion.stats["chunks"] == 3
+    assert completion.timings["total_s"] >= completion.timings["prefill_s"]
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    llm = make_llm(gates=1.0)
+    kw = dict(context=random_ids(50), max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9)
+    a = llm.complete("hello", seed=7, **kw).token_ids
+    b = llm.complete("hello", seed=7, **kw).token_ids
+    c = llm.complete("hello", seed=8, **kw).token_ids
+    assert a == b and a != c
+
+
+def test_stream_concatenates_to_generate():
+    llm = make_llm(gates=1.0)
+    pieces = list(llm.stream("tell me", context="some context text " * 5, max_new_tokens=15))
+    assert "".join(pieces) == llm.generate("tell me", context="some context text " * 5, max_new_tokens=15)
+
+
+def test_stop_strings_cut_the_answer():
+    llm = make_llm(gates=1.0)
+    full = llm.generate("abc", max_new_tokens=20)
+    assert len(full) >= 4
+    stop = full[2:4]
+    cut = llm.generate("abc", max_new_tokens=20, stop=[stop])
+    assert cut == full[: full.find(stop)]
+    assert stop not in "".join(llm.stream("abc", max_new_tokens=20, stop=[stop]))
+
+
+def test_stop_matcher_holds_back_partial_stops():
+    m = StopMatcher(["END"])
+    assert m.feed("hello E") == "hello "
+    assert m.feed("hello EN") == ""
+    assert m.feed("hello ENX") == "ENX"
+    assert m.feed("hello ENX END more") == " " and m.stopped
+
+
+def test_generation_options_are_validated():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingOptions(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingOptions(temperature=-1)
+    llm = make_llm()
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([])
+    assert llm.complete("hi", max_new_tokens=0).token_ids == []
