@@ -53,22 +53,34 @@ def _cos_sin(pos, inv_freq, rope_scaling, PRECISE_TRIG: tl.constexpr):
 
 
 @triton.jit
-def _rotate(x1, x2, c, s):
-    """RoPE on the halves ``x = [x1, x2]``: ``[x1 c - x2 s, x2 c + x1 s]``, float32 in, input dtype out."""
-    x1f = x1.to(tl.float32)
-    x2f = x2.to(tl.float32)
-    return (x1f * c - x2f * s).to(x1.dtype), (x2f * c + x1f * s).to(x1.dtype)
+def _cast(x, ty: tl.constexpr, EMULATE: tl.constexpr):
+    """``x.to(ty)`` rounding to nearest even. ``EMULATE`` (interpreter only): the interpreter truncates
+    float32 -> bfloat16, so round the float32 bits first (RTNE) and the truncation is then exact."""
+    if EMULATE:
+        if ty == tl.bfloat16:
+            u = x.to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            x = u.to(tl.float32, bitcast=True)
+    return x.to(ty)
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _rotate(x1, x2, c, s, EMULATE: tl.constexpr):
+    """RoPE on the halves ``x = [x1, x2]``: ``[x1 c - x2 s, x2 c + x1 s]``, float32 in, input dtype out."""
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    return _cast(x1f * c - x2f * s, x1.dtype, EMULATE), _cast(x2f * c + x1f * s, x1.dtype, EMULATE)
+
+
+@triton.jit
+def _dot(a, b, INTERPRETER: tl.constexpr, IEEE: tl.constexpr):
     """``a @ b`` with float32 accumulation.
 
-    ``UPCAST`` (interpreter only, whose numpy dot cannot multiply bfloat16): products of two fp16/bf16
+    ``INTERPRETER``: the interpreter's numpy dot cannot multiply bfloat16; products of two fp16/bf16
     numbers are exact in float32, so upcasting first is the same arithmetic as a tensor-core dot.
     ``IEEE``: float32 inputs multiply in full precision instead of TF32.
     """
-    if UPCAST:
+    if INTERPRETER:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -90,7 +102,7 @@ def _fwd_kernel(
     GROUPS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROTATE: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISE_TRIG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    PRECISE_TRIG: tl.constexpr, INTERPRETER: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -113,7 +125,7 @@ def _fwd_kernel(
         inv = tl.load(INV_FREQ + offs_d, mask=d_ok, other=0.0)  # (BH,)
         qpos = tl.load(QPOS + b + tl.zeros([BLOCK_M], dtype=tl.int64))  # (BM,) the same for every row
         qc, qs = _cos_sin(qpos, inv, rope_scaling, PRECISE_TRIG)
-        q1, q2 = _rotate(q1, q2, qc, qs)
+        q1, q2 = _rotate(q1, q2, qc, qs, INTERPRETER)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
@@ -134,8 +146,8 @@ def _fwd_kernel(
         if ROTATE:
             kpos = tl.load(KPOS + b * stride_pb + offs_n * stride_ps, mask=n_ok, other=0)
             kc, ks = _cos_sin(kpos, inv, rope_scaling, PRECISE_TRIG)
-            k1, k2 = _rotate(k1, k2, kc, ks)
-        s = _dot(q1, tl.trans(k1), UPCAST, IEEE) + _dot(q2, tl.trans(k2), UPCAST, IEEE)  # (BM, BN)
+            k1, k2 = _rotate(k1, k2, kc, ks, INTERPRETER)
+        s = _dot(q1, tl.trans(k1), INTERPRETER, IEEE) + _dot(q2, tl.trans(k2), INTERPRETER, IEEE)  # (BM, BN)
         s = s * qk_scale
         valid = n_ok
         if HAS_MASK:
@@ -150,17 +162,17 @@ def _fwd_kernel(
         v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
         v1 = tl.load(v_ptrs, mask=kv_msk, other=0.0)  # (BN, BH)
         v2 = tl.load(v_ptrs + HALF * stride_vd, mask=kv_msk, other=0.0)
-        pv = p.to(v1.dtype)
-        acc1 = acc1 * alpha[:, None] + _dot(pv, v1, UPCAST, IEEE)
-        acc2 = acc2 * alpha[:, None] + _dot(pv, v2, UPCAST, IEEE)
+        pv = _cast(p, v1.dtype, INTERPRETER)
+        acc1 = acc1 * alpha[:, None] + _dot(pv, v1, INTERPRETER, IEEE)
+        acc2 = acc2 * alpha[:, None] + _dot(pv, v2, INTERPRETER, IEEE)
         m_i = m_new
 
     has = l_i > 0.0  # False for a row of a batch row without any real state (in this split)
     inv_l = 1.0 / tl.where(has, l_i, 1.0)
     o_ptrs = (O + pid_sp * stride_osp + b * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot
               + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, (acc1 * inv_l[:, None]).to(O.dtype.element_ty), mask=q_msk)
-    tl.store(o_ptrs + HALF * stride_od, (acc2 * inv_l[:, None]).to(O.dtype.element_ty), mask=q_msk)
+    tl.store(o_ptrs, _cast(acc1 * inv_l[:, None], O.dtype.element_ty, INTERPRETER), mask=q_msk)
+    tl.store(o_ptrs + HALF * stride_od, _cast(acc2 * inv_l[:, None], O.dtype.element_ty, INTERPRETER), mask=q_msk)
     lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # log2 units
     tl.store(LSE + pid_sp * stride_lsp + b * stride_lb + h * stride_lh + t * stride_lt, lse, mask=row_ok)
 
@@ -180,7 +192,7 @@ def _bwd_dkdv_kernel(
     GROUPS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROTATE: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISE_TRIG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    PRECISE_TRIG: tl.constexpr, INTERPRETER: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -211,7 +223,7 @@ def _bwd_dkdv_kernel(
         inv = tl.load(INV_FREQ + offs_d, mask=d_ok, other=0.0)
         kpos = tl.load(KPOS + b * stride_pb + offs_n * stride_ps, mask=n_ok, other=0)
         kc, ks = _cos_sin(kpos, inv, rope_scaling, PRECISE_TRIG)
-        k1, k2 = _rotate(k1, k2, kc, ks)
+        k1, k2 = _rotate(k1, k2, kc, ks, INTERPRETER)
         qpos = tl.load(QPOS + b + tl.zeros([BLOCK_M], dtype=tl.int64))
         qc, qs = _cos_sin(qpos, inv, rope_scaling, PRECISE_TRIG)
 
@@ -229,7 +241,7 @@ def _bwd_dkdv_kernel(
         q1 = tl.load(q_ptrs, mask=msk, other=0.0)  # (BM, BH)
         q2 = tl.load(q_ptrs + HALF * stride_qd, mask=msk, other=0.0)
         if ROTATE:
-            q1, q2 = _rotate(q1, q2, qc, qs)
+            q1, q2 = _rotate(q1, q2, qc, qs, INTERPRETER)
         do_ptrs = (DO + b * stride_dob + h[:, None] * stride_doh + t[:, None] * stride_dot
                    + offs_d[None, :] * stride_dod)
         do1 = tl.load(do_ptrs, mask=msk, other=0.0)
@@ -238,27 +250,27 @@ def _bwd_dkdv_kernel(
         lse = tl.load(LSE + lt, mask=row_ok, other=float("inf"))  # +inf: probability 0
         delta = tl.load(DELTA + lt, mask=row_ok, other=0.0)
 
-        s = _dot(q1, tl.trans(k1), UPCAST, IEEE) + _dot(q2, tl.trans(k2), UPCAST, IEEE)  # (BM, BN)
+        s = _dot(q1, tl.trans(k1), INTERPRETER, IEEE) + _dot(q2, tl.trans(k2), INTERPRETER, IEEE)  # (BM, BN)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         p = tl.where(valid[None, :], p, 0.0)
-        pt = tl.trans(p.to(v1.dtype))  # (BN, BM)
-        dv1 += _dot(pt, do1, UPCAST, IEEE)
-        dv2 += _dot(pt, do2, UPCAST, IEEE)
-        dp = _dot(do1, tl.trans(v1), UPCAST, IEEE) + _dot(do2, tl.trans(v2), UPCAST, IEEE)  # (BM, BN)
-        ds = tl.trans((p * (dp - delta[:, None])).to(q1.dtype))  # (BN, BM) dL/d(scores before scale)
-        dk1 += _dot(ds, q1, UPCAST, IEEE)
-        dk2 += _dot(ds, q2, UPCAST, IEEE)
+        pt = tl.trans(_cast(p, v1.dtype, INTERPRETER))  # (BN, BM)
+        dv1 += _dot(pt, do1, INTERPRETER, IEEE)
+        dv2 += _dot(pt, do2, INTERPRETER, IEEE)
+        dp = _dot(do1, tl.trans(v1), INTERPRETER, IEEE) + _dot(do2, tl.trans(v2), INTERPRETER, IEEE)  # (BM, BN)
+        ds = tl.trans(_cast(p * (dp - delta[:, None]), q1.dtype, INTERPRETER))  # (BN, BM) dL/d(scores before scale)
+        dk1 += _dot(ds, q1, INTERPRETER, IEEE)
+        dk2 += _dot(ds, q2, INTERPRETER, IEEE)
 
     dk1 *= sm_scale
     dk2 *= sm_scale
     if ROTATE:  # gradient of the unrotated keys: the transpose of the rotation
         dk1, dk2 = dk1 * kc + dk2 * ks, dk2 * kc - dk1 * ks
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
-    tl.store(dk_ptrs, dk1.to(DK.dtype.element_ty), mask=kv_msk)
-    tl.store(dk_ptrs + HALF * stride_dkd, dk2.to(DK.dtype.element_ty), mask=kv_msk)
+    tl.store(dk_ptrs, _cast(dk1, DK.dtype.element_ty, INTERPRETER), mask=kv_msk)
+    tl.store(dk_ptrs + HALF * stride_dkd, _cast(dk2, DK.dtype.element_ty, INTERPRETER), mask=kv_msk)
     dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd
-    tl.store(dv_ptrs, dv1.to(DV.dtype.element_ty), mask=kv_msk)
-    tl.store(dv_ptrs + HALF * stride_dvd, dv2.to(DV.dtype.element_ty), mask=kv_msk)
+    tl.store(dv_ptrs, _cast(dv1, DV.dtype.element_ty, INTERPRETER), mask=kv_msk)
+    tl.store(dv_ptrs + HALF * stride_dvd, _cast(dv2, DV.dtype.element_ty, INTERPRETER), mask=kv_msk)
 
 
 @triton.jit
@@ -275,7 +287,7 @@ def _bwd_dq_kernel(
     GROUPS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROTATE: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISE_TRIG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    PRECISE_TRIG: tl.constexpr, INTERPRETER: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -300,7 +312,7 @@ def _bwd_dq_kernel(
         inv = tl.load(INV_FREQ + offs_d, mask=d_ok, other=0.0)
         qpos = tl.load(QPOS + b + tl.zeros([BLOCK_M], dtype=tl.int64))
         qc, qs = _cos_sin(qpos, inv, rope_scaling, PRECISE_TRIG)
-        q1, q2 = _rotate(q1, q2, qc, qs)
+        q1, q2 = _rotate(q1, q2, qc, qs, INTERPRETER)
     do_ptrs = DO + b * stride_dob + h[:, None] * stride_doh + t[:, None] * stride_dot + offs_d[None, :] * stride_dod
     do1 = tl.load(do_ptrs, mask=msk, other=0.0)
     do2 = tl.load(do_ptrs + HALF * stride_dod, mask=msk, other=0.0)
@@ -322,7 +334,7 @@ def _bwd_dq_kernel(
         if ROTATE:
             kpos = tl.load(KPOS + b * stride_pb + offs_n * stride_ps, mask=n_ok, other=0)
             kc, ks = _cos_sin(kpos, inv, rope_scaling, PRECISE_TRIG)
-            k1, k2 = _rotate(k1, k2, kc, ks)
+            k1, k2 = _rotate(k1, k2, kc, ks, INTERPRETER)
         v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
         v1 = tl.load(v_ptrs, mask=kv_msk, other=0.0)
         v2 = tl.load(v_ptrs + HALF * stride_vd, mask=kv_msk, other=0.0)
@@ -330,21 +342,21 @@ def _bwd_dq_kernel(
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * stride_mb + offs_n * stride_ms, mask=n_ok, other=0) != 0)
 
-        s = _dot(q1, tl.trans(k1), UPCAST, IEEE) + _dot(q2, tl.trans(k2), UPCAST, IEEE)  # (BM, BN)
+        s = _dot(q1, tl.trans(k1), INTERPRETER, IEEE) + _dot(q2, tl.trans(k2), INTERPRETER, IEEE)  # (BM, BN)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         p = tl.where(valid[None, :], p, 0.0)
-        dp = _dot(do1, tl.trans(v1), UPCAST, IEEE) + _dot(do2, tl.trans(v2), UPCAST, IEEE)
-        ds = (p * (dp - delta[:, None])).to(k1.dtype)  # (BM, BN)
-        dq1 += _dot(ds, k1, UPCAST, IEEE)
-        dq2 += _dot(ds, k2, UPCAST, IEEE)
+        dp = _dot(do1, tl.trans(v1), INTERPRETER, IEEE) + _dot(do2, tl.trans(v2), INTERPRETER, IEEE)
+        ds = _cast(p * (dp - delta[:, None]), k1.dtype, INTERPRETER)  # (BM, BN)
+        dq1 += _dot(ds, k1, INTERPRETER, IEEE)
+        dq2 += _dot(ds, k2, INTERPRETER, IEEE)
 
     dq1 *= sm_scale
     dq2 *= sm_scale
     if ROTATE:
         dq1, dq2 = dq1 * qc + dq2 * qs, dq2 * qc - dq1 * qs
     dq_ptrs = DQ + b * stride_dqb + h[:, None] * stride_dqh + t[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, dq1.to(DQ.dtype.element_ty), mask=msk)
-    tl.store(dq_ptrs + HALF * stride_dqd, dq2.to(DQ.dtype.element_ty), mask=msk)
+    tl.store(dq_ptrs, _cast(dq1, DQ.dtype.element_ty, INTERPRETER), mask=msk)
+    tl.store(dq_ptrs + HALF * stride_dqd, _cast(dq2, DQ.dtype.element_ty, INTERPRETER), mask=msk)
 
 
 INTERPRET = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
@@ -413,7 +425,7 @@ class _Args:
         self.block_m, self.block_n, self.block_h = _blocks(self.groups * T, self.S, self.half)
         self.consts = dict(
             GROUPS=self.groups, HALF=self.half, BLOCK_H=self.block_h, BLOCK_M=self.block_m, BLOCK_N=self.block_n,
-            ROTATE=self.rotate, HAS_MASK=self.has_mask, PRECISE_TRIG=not INTERPRET, UPCAST=INTERPRET,
+            ROTATE=self.rotate, HAS_MASK=self.has_mask, PRECISE_TRIG=not INTERPRET, INTERPRETER=INTERPRET,
             IEEE=q.dtype == torch.float32,
         )
         if not INTERPRET:
