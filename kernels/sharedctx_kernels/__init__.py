@@ -7,6 +7,7 @@ Importing this package does not import triton or flash_attn; the kernels load on
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -32,6 +33,11 @@ TRITON_HINT = "The triton backend needs CUDA (or TRITON_INTERPRET=1 on the CPU, 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_interpret() -> bool:
     """Whether the Triton kernels run in the CPU interpreter (decided when they are first imported)."""
     from . import attention
@@ -41,7 +47,7 @@ def _triton_interpret() -> bool:
 
 def triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
     """True on CUDA with compiled kernels, and on the CPU when the kernels run in Triton's interpreter."""
-    if dtype not in _TRITON_DTYPES or importlib.util.find_spec("triton") is None:
+    if dtype not in _TRITON_DTYPES or not _triton_installed():
         return False
     device = torch.device(device)
     if device.type == "cpu":
@@ -78,7 +84,7 @@ def register_triton(register_backend: Callable) -> None:
     """Register the ``triton`` backend with sharedctx's dispatcher (when triton is installed)."""
     from sharedctx.ops import Backend
 
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         logger.info("sharedctx-kernels: triton is not installed; the triton backend is not registered")
         return
     register_backend(Backend("triton", triton_chunk_cross_attention, triton_supports, TRITON_HINT))

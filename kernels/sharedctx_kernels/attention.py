@@ -26,7 +26,6 @@ per row tile; gradients of the rotated tensors are rotated back by the transpose
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
