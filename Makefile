@@ -21,12 +21,15 @@ install: $(PY)
 
 install-test: install
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ./kernels
 
 demo: install
 	$(VENV)/bin/sharedctx ask --file examples/harrow_point.txt "$(QUESTION)"
 
+# the kernels run in their own pytest process: their conftest turns on Triton's CPU interpreter
 test: install-test
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q kernels/tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
