@@ -788,6 +788,8 @@ class ContextIndex:
         yield from self.llm.stream(prompt, injection=injection, max_new_tokens=max_new_tokens, stats=inner, **generation)
         end = time.perf_counter()
         timings = dict(inner.pop("timings", {}))
+        # the model's clock starts after retrieval: time to first token counts from the question
+        timings["first_token_s"] = (t_ret - t0) + timings.get("first_token_s", 0.0)
         timings.update({"retrieve_s": t_ret - t0, "total_s": end - t0})
         stats.update(
             {
