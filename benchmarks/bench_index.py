@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -190,14 +191,30 @@ def main() -> None:
 
         llm = SharedLLM.from_pretrained(device=args.device)
         name = f"index_{llm.device.type}"
+    model = "tiny random Llama" if args.quick else "SmolLM2-135M-Instruct (default)"
     rows = []
+    previous = RESULTS / f"{name}.json"
+    if previous.is_file() and not args.quick:  # keep sizes measured by earlier runs (same model, same machine)
+        import json
+
+        old = json.loads(previous.read_text())
+        if old.get("config") == llm.config.to_dict():
+            rows = [r for r in old["results"] if r["tokens"] not in args.sizes]
+            for r in rows:
+                r.setdefault("command", old.get("command"))
+                r.setdefault("load_average_1m", old.get("machine", {}).get("load_average_1m"))
     for n in args.sizes:
         row = measure(llm, corpus(n, llm.tokenizer), args)
+        import os
+
+        row["load_average_1m"] = round(os.getloadavg()[0], 2)
+        row["command"] = " ".join(["bench_index.py"] + sys.argv[1:])
         rows.append(row)
+        rows.sort(key=lambda r: r["tokens"])
         print({k: v for k, v in row.items() if k != "answer"}, flush=True)
-    model = "tiny random Llama" if args.quick else (getattr(llm.base.config, "_name_or_path", "") or "SmolLM2-135M-Instruct")
-    path = write_json(name, {"model": model, "config": llm.config.to_dict(), "question": QUESTION, "threads": args.threads, "results": rows})
-    plot(rows, RESULTS / f"{name}.png", f"ContextIndex, {model}, {llm.device.type}, {args.threads} threads")
+        # written after every size, so a long run keeps what it measured
+        path = write_json(name, {"model": model, "config": llm.config.to_dict(), "question": QUESTION, "threads": args.threads, "results": rows})
+        plot(rows, RESULTS / f"{name}.png", f"ContextIndex, {model}, {llm.device.type}, {args.threads} threads")
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
