@@ -13,7 +13,7 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
-__all__ = ["load_llm", "ContextCache", "chat_prompt_ids", "message_text", "context_text"]
+__all__ = ["load_llm", "ContextCache", "chat_prompt_ids", "message_text", "context_text", "is_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,14 @@ def load_llm(model: str | None, adapter: str | None, device: str | None, dtype: 
             llm = sharedctx.SharedLLM.from_pretrained(model, adapter=adapter, device=device, dtype=dtype)
             _LOADED[key] = llm
         return llm
+
+
+def is_index(obj: Any) -> bool:
+    """Whether ``obj`` is a `sharedctx.index.ContextIndex` (checked without importing sharedctx when it is not loaded)."""
+    import sys
+
+    module = sys.modules.get("sharedctx.index")
+    return module is not None and isinstance(obj, module.ContextIndex)
 
 
 def context_text(context: Any) -> str | None:
@@ -77,7 +85,7 @@ class ContextCache:
         if text is None:
             raise TypeError(
                 f"cannot use a {type(context).__name__} as context: pass text, a Document, a list of Documents "
-                "or strings, or a sharedctx.ContextTree (from `llm.encode(text)`)"
+                "or strings, a sharedctx.ContextTree (from `llm.encode(text)`) or a sharedctx.index.ContextIndex"
             )
         if not text:
             return None

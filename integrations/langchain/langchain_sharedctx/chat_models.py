@@ -14,7 +14,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, model_validator
 
-from ._runtime import ContextCache, chat_prompt_ids, load_llm, message_text
+from ._runtime import ContextCache, chat_prompt_ids, is_index, load_llm, message_text
 
 __all__ = ["ChatSharedLLM"]
 
@@ -28,13 +28,22 @@ _REMOTE_ONLY = ("api_key", "timeout", "max_retries", "base_url", "request_timeou
 _CALL_OPTIONS = ("context", "max_tokens", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "model", "stream")
 
 
+def last_user_text(messages: list[BaseMessage]) -> str:
+    """The text of the last human message: the question a ContextIndex selects nodes for."""
+    for m in reversed(messages):
+        if m.type == "human" or (isinstance(m, ChatMessage) and m.role == "user"):
+            return message_text(m.content)
+    raise ValueError("answering from a ContextIndex needs a user message to select context for")
+
+
 class ChatSharedLLM(BaseChatModel):
     """A SharedLLM as a LangChain chat model.
 
     Messages are formatted with the base model's own chat template. A long ``context`` (text, Documents or a
-    `sharedctx.ContextTree`) is never put into the prompt: it is compressed into a context tree by the model's
+    `sharedctx.ContextTree`, or a `sharedctx.index.ContextIndex` over many documents) is never put into the prompt: it is compressed into a context tree by the model's
     bottom layers and read back through cross-attention, so it costs a few injected states per chunk instead
-    of its length in prompt tokens. Bind it once (``ChatSharedLLM(context=...)`` or ``chat.bind(context=...)``)
+    of its length in prompt tokens. A ContextIndex selects the nodes for the last user message from its store
+    (encoded once, on disk) and reports them as ``response_metadata["citations"]``. Bind it once (``ChatSharedLLM(context=...)`` or ``chat.bind(context=...)``)
     or pass it per call (``chat.invoke(messages, context=...)``); a text context is encoded once and reused.
 
     Example:
@@ -179,9 +188,17 @@ class ChatSharedLLM(BaseChatModel):
         options = self._options(stop, kwargs)
         llm = self.get_llm()
         context = kwargs.get("context", self.context)
-        tree = self._contexts.tree(llm, context)
         ids = self.prompt_ids(messages)
-        yield from llm.stream(ids, context=tree, stats=stats, **options)
+        if is_index(context):
+            # the index selects nodes for the last question and injects their stored states; the model reads the
+            # whole conversation
+            if context.llm is not llm:
+                raise ValueError("this ContextIndex was built with another SharedLLM than this chat model's; pass llm=index.llm")
+            yield from context.stream(last_user_text(messages), mode="latent", prompt=ids, stats=stats, **options)
+            stats["citations"] = [c.to_dict() for c in stats.get("citations", [])]
+        else:
+            tree = self._contexts.tree(llm, context)
+            yield from llm.stream(ids, context=tree, stats=stats, **options)
         stats["max_new_tokens"] = options["max_new_tokens"]
 
     def _metadata(self, stats: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any]]:
@@ -198,6 +215,10 @@ class ChatSharedLLM(BaseChatModel):
             "injected_nodes": list(stats.get("injected_nodes", [])),
             "timings": dict(stats.get("timings", {})),
         }
+        if "citations" in stats:  # answered from a ContextIndex
+            meta["citations"] = stats["citations"]
+            for key in ("documents", "chunks_selected", "chunks_encoded", "chunks_cached"):
+                meta[key] = int(stats.get(key, 0))
         return usage, meta
 
     # ------------------------------------------------------------------ LangChain entry points
