@@ -259,3 +259,16 @@ def test_split_noise_only_while_training_and_nodes_tile_chunks():
             assert all(a[1] == b[0] for a, b in zip(inside, inside[1:]))  # they tile the chunk
     assert spans_train != spans_eval  # noise moved at least one split point
     assert all((e - s) in (16, 8, 4) for s, e in spans_eval if e <= 128)  # eval splits of full chunks are exact halves
+
+
+def test_bfloat16_encoding_precomputed_equals_on_the_fly():
+    llm = make_llm(gates=1.0).to(torch.bfloat16)
+    ids = random_ids(9, seed=60)[None]
+    ctx = random_ids(150, seed=61)
+    with torch.no_grad():
+        a = llm.prepare_injection(llm.encode(ctx), ids)
+        b = llm.prepare_injection(llm.encode(ctx, precompute=False), ids)
+    assert a.keys[0].dtype == torch.bfloat16
+    assert [(n.chunk, n.level, n.index) for n in a.nodes[0]] == [(n.chunk, n.level, n.index) for n in b.nodes[0]]
+    for x, y in zip(a.keys + a.values, b.keys + b.values):
+        torch.testing.assert_close(x, y, atol=2e-2, rtol=2e-2)
