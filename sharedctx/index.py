@@ -543,14 +543,18 @@ class ContextIndex:
         max_injected_states: int | None = None,
         max_new_tokens: int = 256,
         stats: dict[str, Any] | None = None,
+        prompt: str | Sequence[int] | None = None,
         **generation: Any,
     ) -> Iterator[str]:
         """Yield the answer as it is decoded; ``stats`` receives citations, statistics and timings at the end.
 
         ``mode``: ``latent`` injects the selected states; ``text`` puts the selected spans into the prompt as text;
         ``hybrid`` does both. Other options (``temperature``, ``top_p``, ``stop``, ``seed``, ...) go to
-        `SharedLLM.stream`.
+        `SharedLLM.stream`. ``prompt`` (latent mode only): what the model reads instead of the bare question, e.g.
+        the token ids of a whole conversation in the chat template; nodes are still selected for ``question``.
         """
+        if prompt is not None and mode != "latent":
+            raise ValueError(f"prompt= replaces what the model reads only in latent mode; {mode} mode builds its own prompt")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         stats = {} if stats is None else stats
@@ -563,7 +567,7 @@ class ContextIndex:
         if mode in ("latent", "hybrid") and selected:
             rows = [[((r, lv, ix), span, st) for r, _, _, (lv, ix), span, st, _ in selected]]
             injection = self.llm.assemble_injection(rows)
-        prompt: str | torch.Tensor = qids
+        prompt = qids if prompt is None else prompt
         dropped = 0
         if mode in ("text", "hybrid"):
             prompt, dropped = self._text_prompt(question, citations, max_new_tokens)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+
+from li_tiny import make_llm
+
+DOCS = {
+    "harrow": (
+        "The Harrow Point light stands on a granite spit. Its keeper, Ada Lindqvist, writes the logbook every night. "
+        "The lantern burns green so that ships can tell it from the harbour lights. "
+    ) * 2,
+    "bread": "To bake bread, mix flour, water, salt and yeast. Knead for ten minutes and let it rise. " * 3,
+    "trains": "The night train to Oslo leaves at nine from platform four and arrives at dawn. " * 3,
+}
+
+_SHARED = {}
+
+
+def contains(seq: list[int], sub: list[int]) -> bool:
+    """Whether ``sub`` occurs in ``seq`` as a contiguous run."""
+    n = len(sub)
+    return any(seq[i : i + n] == sub for i in range(len(seq) - n + 1))
+
+
+def documents():
+    from llama_index.core import Document
+
+    return [Document(text=text, id_=doc_id, metadata={"topic": doc_id}) for doc_id, text in DOCS.items()]
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """A tiny SharedLLM whose cross-attention is switched on (gates != 0), so injected states change the output."""
+    if "llm" not in _SHARED:
+        _SHARED["llm"] = make_llm(gates=1.0)
+    return _SHARED["llm"]
+
+
+@pytest.fixture(scope="session")
+def index(llm):
+    """One SharedContextIndex over DOCS for the session (read-only in tests)."""
+    from llama_index.indices.sharedctx import SharedContextIndex
+
+    return SharedContextIndex.from_documents(documents(), llm=llm, top_k=2)
+
+
+class Spy:
+    """Records what `sharedctx.SharedLLM.stream` is given: the prompt and the injection or context."""
+
+    def __init__(self, llm) -> None:
+        self.llm, self.calls = llm, []
+
+    def __enter__(self):
+        original = self.llm.stream
+
+        def stream(prompt, **kw):
+            self.calls.append({"prompt": prompt, **kw})
+            return original(prompt, **kw)
+
+        self.llm.stream = stream
+        return self
+
+    def __exit__(self, *exc):
+        del self.llm.stream

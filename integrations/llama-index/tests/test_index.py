@@ -1,0 +1,137 @@
+"""SharedContextIndex on a tiny model: building, ref_doc_info, insert / delete_ref_doc, persistence, the retriever's
+NodeWithScores, and the query engine end to end: the model receives injected states for the query, not the spans."""
+
+from __future__ import annotations
+
+import pytest
+from llama_index.core import Document
+from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+from llama_index.core.llms import ChatMessage
+from llama_index.core.base.response.schema import Response, StreamingResponse
+from llama_index.core.schema import NodeWithScore
+
+from conftest import DOCS, Spy, contains, documents
+from llama_index.indices.sharedctx import SharedContextIndex
+from llama_index.llms.sharedctx import SharedLLM
+
+QUESTION = "What colour is the lantern of the Harrow Point light?"
+
+
+def test_from_documents_builds_one_context_document_each(index):
+    assert set(index.ref_doc_info) == set(DOCS)
+    for ref_id, info in index.ref_doc_info.items():
+        assert info.node_ids == [f"{ref_id}#sharedctx"] and info.metadata["topic"] == ref_id
+    docs = {d.doc_id: d for d in index.context_index.documents()}
+    assert set(docs) == {f"{k}#sharedctx" for k in DOCS}
+    assert all(r.chunks_encoded == r.chunks and r.chunks > 1 for r in index.build_reports)
+
+
+def test_retriever_returns_spans_and_scores(index):
+    nodes = index.as_retriever(similarity_top_k=5).retrieve(QUESTION)
+    assert len(nodes) == 5 and all(isinstance(n, NodeWithScore) for n in nodes)
+    scores = [n.score for n in nodes]
+    assert scores == sorted(scores, reverse=True)
+    citations = index.context_index.retrieve(QUESTION, top_k=2)[:5]
+    for n, c in zip(nodes, citations):
+        meta = n.node.metadata
+        ref = meta["ref_doc_id"]
+        assert n.node.text == DOCS[ref][n.node.start_char_idx : n.node.end_char_idx] == c.text
+        assert (meta["chunk"], meta["level"], meta["index"], meta["n_states"]) == (c.chunk, c.level, c.index, c.n_states)
+        assert n.node.source_node.node_id == ref and meta["topic"] == ref
+    assert len(index.as_retriever(similarity_top_k=12).retrieve(QUESTION)) == 12  # walks more chunks when asked
+
+
+async def test_retriever_async(index):
+    retriever = index.as_retriever(similarity_top_k=3)
+    assert [n.node.node_id for n in await retriever.aretrieve("platform four")] == [n.node.node_id for n in retriever.retrieve("platform four")]
+
+
+def test_query_engine_answers_by_latent_injection(index, llm):
+    engine = index.as_query_engine(max_new_tokens=8)
+    with Spy(llm) as spy:
+        response = engine.query(QUESTION)
+    assert isinstance(response, Response)
+    (call,) = spy.calls
+    injection = call["injection"]
+    assert injection is not None and injection.n_states > 0
+    prompt = list(call["prompt"])
+    question_ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert prompt == list(question_ids)  # the question only
+    for node in response.source_nodes:
+        if len(node.node.text) >= 8:
+            assert not contains(prompt, llm.tokenizer(node.node.text, add_special_tokens=False)["input_ids"])
+    # the source nodes are exactly what was injected
+    assert sum(n.node.metadata["n_states"] for n in response.source_nodes) == injection.n_states
+    assert response.metadata["stats"]["injected_states"] == injection.n_states
+    assert response.response == index.context_index.query(QUESTION, max_new_tokens=8).text
+    # the states change the answer: the bare model says something else
+    assert response.response != SharedLLM(llm=llm, max_new_tokens=8).complete(QUESTION).text
+
+
+def test_query_engine_text_mode_prompts_the_spans(index, llm):
+    engine = index.as_query_engine(mode="text", max_new_tokens=4)
+    with Spy(llm) as spy:
+        response = engine.query(QUESTION)
+    assert spy.calls[0]["injection"] is None
+    best = max(response.source_nodes, key=lambda n: n.score)
+    assert best.node.text.strip() in spy.calls[0]["prompt"]
+
+
+def test_query_engine_streams_and_counts_tokens(index, llm):
+    counter = TokenCountingHandler(tokenizer=lambda text: [0])
+    engine = index.as_query_engine(streaming=True, max_new_tokens=6, callback_manager=CallbackManager([counter]))
+    response = engine.query(QUESTION)
+    assert isinstance(response, StreamingResponse)
+    text = "".join(response.response_gen)
+    assert text == index.as_query_engine(max_new_tokens=6).query(QUESTION).response
+    assert response.source_nodes and response.metadata["stats"]["injected_states"] > 0
+    assert counter.completion_llm_token_count == response.metadata["stats"]["generated_tokens"] == 6
+
+
+async def test_query_engine_async(index):
+    engine = index.as_query_engine(max_new_tokens=5)
+    assert (await engine.aquery(QUESTION)).response == engine.query(QUESTION).response
+
+
+def test_llm_reads_an_index_through_chat(index, llm):
+    lm = SharedLLM(llm=llm, max_new_tokens=6, context=index)
+    messages = [ChatMessage(role="system", content="One word."), ChatMessage(role="user", content=QUESTION)]
+    with Spy(llm) as spy:
+        r = lm.chat(messages)
+    assert spy.calls[0]["prompt"] == lm.prompt_ids(messages) and spy.calls[0]["injection"].n_states > 0
+    assert r.additional_kwargs["citations"] and r.additional_kwargs["injected_states"] > 0
+    with pytest.raises(ValueError, match="top-k sampling"):
+        lm.complete(QUESTION, top_k=5)
+
+
+def test_insert_delete_and_persist(llm, tmp_path):
+    idx = SharedContextIndex.from_documents(documents()[:2], llm=llm, store=tmp_path / "live", show_progress=True)
+    before = [n.node.node_id for n in idx.as_retriever(similarity_top_k=4).retrieve(QUESTION)]
+    # inserting a document whose text is already indexed encodes nothing
+    idx.insert(Document(text=DOCS["harrow"], id_="harrow-copy"))
+    assert idx.build_reports[-1].chunks_encoded == 0 and idx.build_reports[-1].chunks_reused > 0
+    idx.insert(Document(text=DOCS["trains"], id_="trains"))
+    assert set(idx.ref_doc_info) == {"harrow", "bread", "harrow-copy", "trains"}
+    idx.delete_ref_doc("harrow-copy", delete_from_docstore=True)
+    assert set(idx.ref_doc_info) == {"harrow", "bread", "trains"}
+    assert "harrow-copy#sharedctx" not in idx.context_index
+    idx.delete_ref_doc("trains")
+    assert [n.node.node_id for n in idx.as_retriever(similarity_top_k=4).retrieve(QUESTION)] == before
+
+    idx.persist(tmp_path / "saved")
+    loaded = SharedContextIndex.from_persist_dir(tmp_path / "saved", llm=llm)
+    assert set(loaded.ref_doc_info) == {"harrow", "bread"}
+    assert [n.node.node_id for n in loaded.as_retriever(similarity_top_k=4).retrieve(QUESTION)] == before
+    engine_a, engine_b = idx.as_query_engine(max_new_tokens=5), loaded.as_query_engine(max_new_tokens=5)
+    assert engine_a.query(QUESTION).response == engine_b.query(QUESTION).response
+    with pytest.raises(Exception, match="no sharedctx index"):
+        SharedContextIndex.from_persist_dir(tmp_path / "nothing", llm=llm)
+
+
+def test_bad_arguments(index, llm):
+    with pytest.raises(TypeError, match="reads with a SharedLLM"):
+        SharedContextIndex.from_documents(documents()[:1], llm="gpt")
+    with pytest.raises(ValueError, match="mode"):
+        index.as_query_engine(mode="vector")
+    with pytest.raises(ValueError, match="similarity_top_k"):
+        index.as_retriever(similarity_top_k=0)
