@@ -22,14 +22,18 @@ install: $(PY)
 install-test: install
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q -e ./kernels
+	$(PIP) install -q -e "./integrations/langchain[test]" -e "./integrations/llama-index[test]"
 
 demo: install
 	$(VENV)/bin/sharedctx ask --file examples/harrow_point.txt "$(QUESTION)"
 
-# the kernels run in their own pytest process: their conftest turns on Triton's CPU interpreter
+# kernels and each integration run in their own pytest process: the kernels' conftest turns on Triton's CPU
+# interpreter, and each integration is a distribution with its own conftest and settings
 test: install-test
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q kernels/tests
+	cd integrations/langchain && ../../$(PY) -m pytest -q
+	cd integrations/llama-index && ../../$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -521,9 +521,9 @@ class ContextIndex:
             raise InputError("the question is empty")
         return self.llm._prompt_ids(question, True, None)[0].cpu()
 
-    def retrieve(self, question: str, *, top_k: int | None = None, max_injected_states: int | None = None) -> list[Citation]:
+    def retrieve(self, question: str, *, top_k_chunks: int | None = None, max_injected_states: int | None = None) -> list[Citation]:
         """The nodes a query selects, as citations with text, best score first (usable with any text LLM)."""
-        selected, qkey, counts = self._select(self._prompt_ids(question), top_k, max_injected_states or self.max_injected_states)
+        selected, qkey, counts = self._select(self._prompt_ids(question), top_k_chunks, max_injected_states or self.max_injected_states)
         self._count(counts)
         cites = self._citations(selected, qkey)
         return sorted(cites, key=lambda x: (-x.score, x.doc_id, x.token_start))
@@ -539,7 +539,7 @@ class ContextIndex:
         question: str,
         *,
         mode: str = "latent",
-        top_k: int | None = None,
+        top_k_chunks: int | None = None,
         max_injected_states: int | None = None,
         max_new_tokens: int = 256,
         stats: dict[str, Any] | None = None,
@@ -549,7 +549,8 @@ class ContextIndex:
         """Yield the answer as it is decoded; ``stats`` receives citations, statistics and timings at the end.
 
         ``mode``: ``latent`` injects the selected states; ``text`` puts the selected spans into the prompt as text;
-        ``hybrid`` does both. Other options (``temperature``, ``top_p``, ``stop``, ``seed``, ...) go to
+        ``hybrid`` does both. ``top_k_chunks`` overrides the index's ``top_k`` (chunks injected) for this call.
+        Other options (``temperature``, ``top_k`` and ``top_p`` of sampling, ``stop``, ``seed``, ...) go to
         `SharedLLM.stream`. ``prompt`` (latent mode only): what the model reads instead of the bare question, e.g.
         the token ids of a whole conversation in the chat template; nodes are still selected for ``question``.
         """
@@ -560,7 +561,7 @@ class ContextIndex:
         stats = {} if stats is None else stats
         t0 = time.perf_counter()
         qids = self._prompt_ids(question)
-        selected, qkey, counts = self._select(qids, top_k, max_injected_states or self.max_injected_states)
+        selected, qkey, counts = self._select(qids, top_k_chunks, max_injected_states or self.max_injected_states)
         self._count(counts)
         citations = self._citations(selected, qkey)
         injection = None

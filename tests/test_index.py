@@ -165,7 +165,7 @@ def test_delete_and_unknown_id(llm, tmp_path):
     index = build(llm, tmp_path / "ix")
     index.delete("doc1")
     assert [d.doc_id for d in index.documents()] == ["doc0", "doc2"]
-    assert all(c.doc_id != "doc1" for q in QUESTIONS[:4] for c in index.retrieve(q, top_k=20))
+    assert all(c.doc_id != "doc1" for q in QUESTIONS[:4] for c in index.retrieve(q, top_k_chunks=20))
     with pytest.raises(DocumentNotFoundError, match="no document 'doc1'"):
         index.delete("doc1")
     with pytest.raises(KeyError):
@@ -204,7 +204,7 @@ def test_citations_map_back_to_text(llm, tmp_path):
 def test_budgets_and_expanding_both_children(llm, tmp_path):
     index = build(llm, tmp_path / "ix")
     q = QUESTIONS[1]
-    base = index.query(q, max_new_tokens=1, top_k=3)
+    base = index.query(q, max_new_tokens=1, top_k_chunks=3)
     assert base.stats["chunks_selected"] == 3
     assert all(len([c for c in base.citations if (c.doc_id, c.chunk) == key]) == 4 for key in {(c.doc_id, c.chunk) for c in base.citations})
     small = index.query(q, max_new_tokens=1, max_injected_states=40)
@@ -314,6 +314,6 @@ def test_eviction_then_recompute(llm, tmp_path):
     assert index.store.stats["volume_bytes"] <= 60_000 + 20_000
     total = sum(d.n_chunks for d in index._docs.values())
     assert len(index.store) < total  # evicted
-    ans = index.query(QUESTIONS[4], max_new_tokens=4, top_k=8)
+    ans = index.query(QUESTIONS[4], max_new_tokens=4, top_k_chunks=8)
     assert ans.stats["chunks_encoded"] + ans.stats["chunks_cached"] == ans.stats["chunks_selected"]
     assert ans.stats["chunks_encoded"] > 0

@@ -28,17 +28,6 @@ _REMOTE_ONLY = ("api_key", "timeout", "max_retries", "base_url", "request_timeou
 _CALL_OPTIONS = ("context", "max_tokens", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "model", "stream")
 
 
-def _index_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Generation options for `ContextIndex.stream`, whose ``top_k`` counts chunks, not sampled tokens."""
-    options = dict(options)
-    if options.pop("top_k"):
-        raise ValueError(
-            "top-k sampling is not available when the context is an index (ContextIndex.stream's top_k selects chunks); "
-            "use top_p, or set the index's top_k for the number of chunks"
-        )
-    return options
-
-
 def last_user_text(messages: list[BaseMessage]) -> str:
     """The text of the last human message: the question a ContextIndex selects nodes for."""
     for m in reversed(messages):
@@ -205,7 +194,7 @@ class ChatSharedLLM(BaseChatModel):
             # whole conversation
             if context.llm is not llm:
                 raise ValueError("this ContextIndex was built with another SharedLLM than this chat model's; pass llm=index.llm")
-            yield from context.stream(last_user_text(messages), mode="latent", prompt=ids, stats=stats, **_index_options(options))
+            yield from context.stream(last_user_text(messages), mode="latent", prompt=ids, stats=stats, **options)
             stats["citations"] = [c.to_dict() for c in stats.get("citations", [])]
         else:
             tree = self._contexts.tree(llm, context)

@@ -77,7 +77,7 @@ class SharedContextRetriever(BaseRetriever):
             # enough chunks for k nodes: every walked chunk preserves tree_height + 1 nodes
             per_chunk = self.index.llm.config.tree_height + 1
             top_k = max(self.index.top_k, -(-k // per_chunk))
-        citations = self.index.retrieve(query, top_k=top_k, max_injected_states=budget)
+        citations = self.index.retrieve(query, top_k_chunks=top_k, max_injected_states=budget)
         return [citation_to_document(c) for c in citations[:k]]
 
     async def _aget_relevant_documents(

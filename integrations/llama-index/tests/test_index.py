@@ -31,7 +31,7 @@ def test_retriever_returns_spans_and_scores(index):
     assert len(nodes) == 5 and all(isinstance(n, NodeWithScore) for n in nodes)
     scores = [n.score for n in nodes]
     assert scores == sorted(scores, reverse=True)
-    citations = index.context_index.retrieve(QUESTION, top_k=2)[:5]
+    citations = index.context_index.retrieve(QUESTION, top_k_chunks=2)[:5]
     for n, c in zip(nodes, citations):
         meta = n.node.metadata
         ref = meta["ref_doc_id"]
@@ -100,8 +100,10 @@ def test_llm_reads_an_index_through_chat(index, llm):
         r = lm.chat(messages)
     assert spy.calls[0]["prompt"] == lm.prompt_ids(messages) and spy.calls[0]["injection"].n_states > 0
     assert r.additional_kwargs["citations"] and r.additional_kwargs["injected_states"] > 0
-    with pytest.raises(ValueError, match="top-k sampling"):
-        lm.complete(QUESTION, top_k=5)
+    # a sampling top_k reaches the sampler; it does not change how many chunks the index injects
+    with Spy(llm) as spy:
+        lm.complete(QUESTION, top_k=5, temperature=1.0, seed=1)
+    assert spy.calls[0]["top_k"] == 5 and spy.calls[0]["injection"].n_states == r.additional_kwargs["injected_states"]
 
 
 def test_insert_delete_and_persist(llm, tmp_path):

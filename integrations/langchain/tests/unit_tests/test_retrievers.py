@@ -35,7 +35,7 @@ def test_hierarchy():
 def test_documents_are_the_index_citations(index):
     question = "When does the night train leave?"
     docs = SharedContextRetriever(index=index, k=6).invoke(question)
-    citations = index.retrieve(question, top_k=2)[:6]
+    citations = index.retrieve(question, top_k_chunks=2)[:6]
     assert len(docs) == 6
     for doc, cite in zip(docs, citations):
         assert isinstance(doc, Document)

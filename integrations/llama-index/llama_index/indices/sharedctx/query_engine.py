@@ -56,9 +56,9 @@ class SharedContextQueryEngine(BaseQueryEngine):
         self._index = index
         self.mode = mode
         self.streaming = streaming
-        if top_k:
-            raise ValueError("top-k sampling is not available through a ContextIndex (its top_k selects chunks: use top_k_chunks); use top_p")
-        self._generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "stop": list(stop or [])}
+        self._generation = {
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "stop": list(stop or [])
+        }
         self._top_k_chunks = top_k_chunks
         self._max_injected_states = max_injected_states
         super().__init__(callback_manager=callback_manager)
@@ -70,7 +70,7 @@ class SharedContextQueryEngine(BaseQueryEngine):
         return self._index.context_index.stream(
             question,
             mode=self.mode,
-            top_k=self._top_k_chunks,
+            top_k_chunks=self._top_k_chunks,
             max_injected_states=self._max_injected_states,
             stats=stats,
             **self._generation,

@@ -64,7 +64,7 @@ class SharedContextRetriever(BaseRetriever):
         if top_k is None:
             per_chunk = ctx.llm.config.tree_height + 1
             top_k = max(ctx.top_k, -(-self._similarity_top_k // per_chunk))
-        citations = ctx.retrieve(query_bundle.query_str, top_k=top_k, max_injected_states=self._max_injected_states)
+        citations = ctx.retrieve(query_bundle.query_str, top_k_chunks=top_k, max_injected_states=self._max_injected_states)
         return [citation_to_node(c) for c in citations[: self._similarity_top_k]]
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> List[NodeWithScore]:

@@ -33,17 +33,6 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 _CALL_OPTIONS = ("context", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
 
 
-def _index_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Generation options for `ContextIndex.stream`, whose ``top_k`` counts chunks, not sampled tokens."""
-    options = dict(options)
-    if options.pop("top_k"):
-        raise ValueError(
-            "top-k sampling is not available when the context is an index (ContextIndex.stream's top_k selects chunks); "
-            "use top_p, or set the index's top_k for the number of chunks"
-        )
-    return options
-
-
 class SharedLLM(CustomLLM):
     """A `sharedctx.SharedLLM` as a LlamaIndex LLM (``Settings.llm = SharedLLM()`` works).
 
@@ -156,7 +145,7 @@ class SharedLLM(CustomLLM):
         if index is not None:
             if index.llm is not llm:
                 raise ValueError("this index was built with another sharedctx.SharedLLM than this LLM's; pass llm=index.llm")
-            yield from index.stream(question, mode="latent", prompt=ids, stats=stats, **_index_options(options))
+            yield from index.stream(question, mode="latent", prompt=ids, stats=stats, **options)
             stats["citations"] = [c.to_dict() for c in stats.get("citations", [])]
         else:
             tree = self._contexts.tree(llm, context)
