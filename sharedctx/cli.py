@@ -11,28 +11,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main", "read_text_file"]
+__all__ = ["main"]
 
 UNTRAINED_NOTE = (
     "note: this model's injection adapter is untrained (it starts as the identity), so the answer does not "
     "read the context yet; pass --adapter DIR with a trained adapter"
 )
-
-
-def read_text_file(path: str | os.PathLike) -> str:
-    """Read a UTF-8 text file, refusing binary or non-UTF-8 content with a clear error."""
-    from .errors import InputError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise InputError(f"{path}: looks like a binary file (it contains NUL bytes); give a text file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); convert it, e.g. `iconv -t utf-8`") from exc
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +60,9 @@ def _cmd_ask(args) -> int:
     t0 = time.perf_counter()
     if not args.file:
         raise InputError("give at least one --file PATH to read")
-    texts = [read_text_file(f) for f in args.file]
+    from .documents import read_document
+
+    texts = [read_document(f) for f in args.file]
     context = "\n\n".join(t for t in texts if t.strip())
     if not context.strip():
         raise InputError(f"the files {args.file} hold no text to read")

@@ -422,14 +422,24 @@ class SharedLLM(nn.Module):
             )
 
     # ------------------------------------------------------------------ generation
+    def chat_prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` (``{"role", "content"}`` dicts) in the base model's chat template, ready for
+        the assistant's turn. A tokenizer without a template gets a plain ``Role: text`` transcript."""
+        tok = self._require_tokenizer()
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        lines = (f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+        return [int(i) for i in tok("\n".join(lines) + "\nAssistant:", add_special_tokens=True)["input_ids"]]
+
     def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor, chat: bool, system: str | None) -> torch.Tensor:
         if isinstance(prompt, str):
             tok = self._require_tokenizer()
             if chat and getattr(tok, "chat_template", None):
                 messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                if isinstance(ids, dict) or hasattr(ids, "keys"):
-                    ids = ids["input_ids"]
+                ids = self.chat_prompt_ids(messages)
             else:
                 ids = tok(prompt, add_special_tokens=True)["input_ids"]
         else:

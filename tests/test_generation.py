@@ -67,3 +67,15 @@ def test_generation_options_are_validated():
     with pytest.raises(ValueError, match="empty"):
         llm.generate([])
     assert llm.complete("hi", max_new_tokens=0).token_ids == []
+
+
+def test_chat_prompt_ids_use_the_template_for_whole_conversations():
+    llm = make_llm()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    ids = llm.chat_prompt_ids(messages)
+    text = llm.tokenizer.decode(ids)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # a single question through generate() uses the same template
+    assert llm._prompt_ids("hi", True, "Be brief.")[0].tolist() == ids
+    llm.tokenizer.chat_template = None
+    assert llm.tokenizer.decode(llm.chat_prompt_ids(messages)).endswith("System: Be brief.\nUser: hi\nAssistant:")

@@ -11,9 +11,9 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-__all__ = ["load_llm", "ContextCache", "chat_prompt_ids", "message_text", "context_text", "is_index"]
+__all__ = ["load_llm", "ContextCache", "message_text", "context_text", "is_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,17 +118,3 @@ def message_text(content: Any) -> str:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise ValueError(f"SharedLLM reads text only; got a {kind!r} content block. Pass text content.")
     return "".join(parts)
-
-
-def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` (``{"role", "content"}`` dicts) in the base model's chat template, ready for the
-    assistant's turn. A tokenizer without a template gets a plain ``Role: text`` transcript."""
-    if tokenizer is None:
-        raise ValueError("this SharedLLM has no tokenizer, so chat messages cannot be formatted; build it with one")
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    lines: Iterable[str] = (f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-    return [int(i) for i in tokenizer("\n".join(lines) + "\nAssistant:", add_special_tokens=True)["input_ids"]]

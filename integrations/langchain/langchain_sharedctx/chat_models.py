@@ -14,7 +14,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, model_validator
 
-from ._runtime import ContextCache, chat_prompt_ids, is_index, load_llm, message_text
+from ._runtime import ContextCache, is_index, load_llm, message_text
 
 __all__ = ["ChatSharedLLM"]
 
@@ -182,7 +182,7 @@ class ChatSharedLLM(BaseChatModel):
             turns.append({"role": role, "content": message_text(m.content)})
         if not turns:
             raise ValueError("ChatSharedLLM needs at least one message")
-        return chat_prompt_ids(self.get_llm().tokenizer, turns)
+        return self.get_llm().chat_prompt_ids(turns)
 
     def _deltas(self, messages: list[BaseMessage], stop: list[str] | None, stats: dict[str, Any], kwargs: dict[str, Any]) -> Iterator[str]:
         options = self._options(stop, kwargs)

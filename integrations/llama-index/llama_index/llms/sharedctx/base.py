@@ -22,7 +22,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field, PrivateAttr
 
-from ._runtime import ContextCache, as_context_index, chat_prompt_ids, load_llm
+from ._runtime import ContextCache, as_context_index, load_llm
 
 __all__ = ["SharedLLM"]
 
@@ -134,7 +134,7 @@ class SharedLLM(CustomLLM):
             turns.append({"role": _ROLES[role], "content": m.content or ""})
         if not turns:
             raise ValueError("SharedLLM needs at least one message")
-        return chat_prompt_ids(self.get_llm().tokenizer, turns)
+        return self.get_llm().chat_prompt_ids(turns)
 
     def _deltas(self, messages: Sequence[ChatMessage], question: str, stats: dict[str, Any], kwargs: dict[str, Any]) -> Iterator[str]:
         options = self._options(kwargs)
