@@ -143,7 +143,8 @@ def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
         data = yaml.safe_load(text)
     else:
         raise ValueError(f"{path}: recipes are .toml, .json or .yaml files")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    data.update(overrides)
     base = path.parent
 
     def resolve(p: str) -> str:
