@@ -115,7 +115,7 @@ def test_cli_eval_ppl_and_passkey(model_dir, tmp_path, capsys):
     assert set(payload["results"][0]["modes"]) == {"adapter", "control", "window"} and payload["machine"]["torch"]
     assert main(["eval", "passkey", "--length", "96", "--trials", "1", *common]) == 0
     assert json.loads(capsys.readouterr().out)["modes"]["adapter"]["96"]["accuracy"] in (0.0, 1.0)
-    assert main(["eval", "ppl", "--file", str(a), "--total-length", "160", "--window", "64", "--modes", "window,full", *common]) == 0
+    assert main(["eval", "ppl", "--file", str(a), "--total-length", "160", "--window", "64", "--score-last", "16", "--modes", "window,full", *common]) == 0
     assert set(json.loads(capsys.readouterr().out)["results"][0]["modes"]) == {"window", "full"}
-    assert main(["eval", "ppl", "--file", str(a), "--total-length", "160", "--window", "64", "--control", *common]) == 2
+    assert main(["eval", "ppl", "--file", str(a), "--total-length", "160", "--window", "64", "--score-last", "16", "--control", *common]) == 2
     assert "control" in capsys.readouterr().err
