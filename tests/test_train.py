@@ -149,3 +149,32 @@ def test_cli_train_writes_an_adapter(tmp_path):
     # resuming a finished run does no more steps
     assert main(["train", "--config", str(tmp_path / "r.json"), "--no-progress"]) == 0
     assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 2
+    assert main(["train", "--config", str(tmp_path / "r.json"), "--export", str(tmp_path / "exported")]) == 0
+    assert json.loads((tmp_path / "exported" / "sharedctx_adapter.json").read_text())["trained"] is True
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "sharedctx" / "adapters" / "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not (SHIPPED / "sharedctx_adapter.json").is_file(), reason="no adapter shipped")
+def test_shipped_adapter_files_are_complete():
+    files = {p.name: p for p in SHIPPED.iterdir()}
+    assert {"adapter.safetensors", "sharedctx_adapter.json", "training_config.json", "training_summary.json", "README.md"} <= set(files)
+    assert sum(p.stat().st_size for p in files.values()) < 20 * 2**20
+    meta = json.loads(files["sharedctx_adapter.json"].read_text())
+    train_cfg = json.loads(files["training_config.json"].read_text())
+    assert meta["trained"] is True and meta["config"]["chunk_size"] == train_cfg["sharedctx"]["chunk_size"]
+    assert any(name.startswith("eval_") and name.endswith(".json") for name in files)
+    from safetensors.torch import load_file
+
+    gates = [float(v) for k, v in load_file(str(files["adapter.safetensors"])).items() if k.endswith("gate")]
+    assert len(gates) == meta["config"]["injection_layers"] and any(g != 0.0 for g in gates)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "sharedctx_adapter.json").is_file(), reason="no adapter shipped")
+def test_default_model_loads_the_shipped_adapter():
+    from sharedctx import SharedLLM
+
+    llm = SharedLLM.from_pretrained()
+    assert llm.adapter_trained and llm.adapter_path == str(SHIPPED)
