@@ -38,12 +38,12 @@ def _config(tmp_path, **kw):
 
 def test_steps_reduce_loss_and_touch_only_the_adapter(tmp_path, shards):
     llm = make_llm(**SMALL)
-    trainer = Trainer(_config(tmp_path, steps=30, warmup=0, min_lr_ratio=1.0), llm=llm, shards=shards)
+    trainer = Trainer(_config(tmp_path, steps=12, warmup=0, min_lr_ratio=1.0, lr=3e-2, gate_lr=1e-1), llm=llm, shards=shards)
     base_before = {n: p.detach().clone() for n, p in llm.base.named_parameters() if "cross" not in n}
     inj_before = {n: p.detach().clone() for n, p in llm.injection.named_parameters()}
     rows = [trainer.sample_example("lm")]
     losses = []
-    for _ in range(30):
+    for _ in range(12):
         loss, n = trainer.micro_step(rows)
         trainer.opt.step()
         trainer.opt.zero_grad()
@@ -57,7 +57,7 @@ def test_steps_reduce_loss_and_touch_only_the_adapter(tmp_path, shards):
 
 
 def test_mixed_tasks_and_batches(tmp_path, shards):
-    trainer = Trainer(_config(tmp_path, tasks={"lm": 1, "passkey": 1, "kv": 1}, batch_size=2, grad_accum=2, task_chunks=[1, 2], steps=3), llm=make_llm(**SMALL), shards=shards)
+    trainer = Trainer(_config(tmp_path, tasks={"lm": 1, "passkey": 1, "kv": 1}, batch_size=2, grad_accum=2, task_chunks=[1, 1], steps=3), llm=make_llm(**SMALL), shards=shards)
     summary = trainer.fit()
     assert summary["steps"] == 3
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
