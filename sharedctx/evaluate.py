@@ -154,7 +154,7 @@ def eval_passkey(
     modes: Sequence[str] = ("adapter",),
     seed: int = 0,
     filler: np.ndarray | None = None,
-    max_new_tokens: int = 12,
+    max_new_tokens: int = 32,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Passkey retrieval accuracy by length and depth.
@@ -267,7 +267,7 @@ def _cmd_passkey(args) -> int:
         filler = np.asarray(llm.tokenizer(read_text_file(args.filler_file), add_special_tokens=False)["input_ids"], dtype=np.int64)
     depths = [float(d) for d in args.depths.split(",")] if args.depths else None
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    r = eval_passkey(llm, lengths=args.length, trials=args.trials, depths=depths, modes=modes, seed=args.seed, filler=filler, show_progress=not args.json)
+    r = eval_passkey(llm, lengths=args.length, trials=args.trials, depths=depths, modes=modes, seed=args.seed, filler=filler, max_new_tokens=args.max_new_tokens, show_progress=not args.json)
     if not args.json:
         for mode, per in r["modes"].items():
             for n, v in per.items():
@@ -311,6 +311,7 @@ def add_eval_parser(sub: Any, add_model_args) -> None:
     pk.add_argument("--modes", default="adapter", help="adapter and/or full")
     pk.add_argument("--filler-file", default=None, help="haystack text (default: the classic repeated filler)")
     pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
     _common(pk, add_model_args)
     pk.set_defaults(func=_cmd_passkey)
 
