@@ -110,10 +110,10 @@ def build_shards(
         if seq and isinstance(seq[0], tuple):
             yield from seq  # type: ignore[misc]
             return
-        from .cli import read_text_file
+        from .documents import read_document
 
         for name, path in iter_text_files(seq):  # type: ignore[arg-type]
-            yield name, read_text_file(path)
+            yield name, read_document(path)
 
     def writer(split: str, n: int) -> dict[str, Any]:
         w = writers.get(split)

@@ -217,7 +217,8 @@ def _adapter_info(llm: Any) -> dict[str, Any]:
 
 
 def _cmd_ppl(args) -> int:
-    from .cli import _load, read_text_file
+    from .cli import _load
+    from .documents import read_document
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -228,7 +229,7 @@ def _cmd_ppl(args) -> int:
     tok = llm.tokenizer
 
     def ids(path):
-        return np.asarray(tok(read_text_file(path), add_special_tokens=False)["input_ids"], dtype=np.int64)
+        return np.asarray(tok(read_document(path), add_special_tokens=False)["input_ids"], dtype=np.int64)
 
     files = list(args.file)
     texts = {f: ids(f) for f in files}
@@ -257,14 +258,15 @@ def _cmd_ppl(args) -> int:
 
 
 def _cmd_passkey(args) -> int:
-    from .cli import _load, read_text_file
+    from .cli import _load
+    from .documents import read_document
 
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = _load(args)
     filler = None
     if args.filler_file:
-        filler = np.asarray(llm.tokenizer(read_text_file(args.filler_file), add_special_tokens=False)["input_ids"], dtype=np.int64)
+        filler = np.asarray(llm.tokenizer(read_document(args.filler_file), add_special_tokens=False)["input_ids"], dtype=np.int64)
     depths = [float(d) for d in args.depths.split(",")] if args.depths else None
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     r = eval_passkey(llm, lengths=args.length, trials=args.trials, depths=depths, modes=modes, seed=args.seed, filler=filler, max_new_tokens=args.max_new_tokens, show_progress=not args.json)
