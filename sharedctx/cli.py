@@ -109,6 +109,21 @@ def _cmd_ask(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train import Trainer, load_recipe
+
+    overrides = {"out_dir": args.out_dir, "steps": args.steps, "device": args.device, "threads": args.threads, "max_time_s": args.max_time_s}
+    if args.no_progress:
+        overrides["progress"] = False
+    cfg = load_recipe(args.config, **overrides)
+    trainer = Trainer(cfg)
+    if not args.no_resume:
+        trainer.resume()
+    summary = trainer.fit()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -125,6 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--json", action="store_true", help="print {answer, stats, timings} as JSON")
     ask.set_defaults(func=_cmd_ask)
+
+    train = sub.add_parser("train", help="train an injection adapter from a recipe (TOML, JSON or YAML)")
+    train.add_argument("--config", required=True, metavar="FILE", help="recipe file, e.g. recipes/smollm2-cpu.toml")
+    train.add_argument("--out-dir", default=None, help="override the recipe's out_dir")
+    train.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    train.add_argument("--device", default=None, help="override the recipe's device")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--max-time-s", type=float, default=None, help="stop (and save) after this much wall time")
+    train.add_argument("--no-resume", action="store_true", help="start over even if out_dir has a checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(sub, _add_model_args)
     return parser
 
 

@@ -1,0 +1,408 @@
+"""Training recipes for the injection adapter: LM continuation plus synthetic retrieval and instruction tasks.
+
+A recipe is a TOML/JSON/YAML file read into `TrainConfig` (see ``recipes/``). The same code runs on the
+CPU (float32) and on CUDA (bf16 autocast): only ``device`` differs. Only the cross-attention blocks are
+trained by default. Each step: draw a task by its mixing weight, build a batch of `Example` rows, prepare the
+injected states (split noise drawn from the trainer's own generator, so resuming replays it), run the decoder
+with labels, backpropagate; AdamW with its own learning rate for the gates, linear warm-up then cosine decay,
+gradient clipping and accumulation. Checkpoints hold the adapter, optimiser, schedule and every RNG state,
+so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import SharedCtxConfig
+from .data import IGNORE, TASKS, Example, TokenShards, build_shards, instruction_example, lm_example
+
+__all__ = ["TrainConfig", "Trainer", "load_recipe", "collate", "lr_factor"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe (all lengths in tokens).
+
+    Attributes:
+        model: base model id or folder; None for the default SmolLM2-135M-Instruct.
+        out_dir: where checkpoints, the JSONL log and the final adapter (``out_dir/adapter``) go.
+        data: folder of shards (`sharedctx.data.build_shards`); built from ``sources`` when missing.
+        sources: text files/folders to tokenise when ``data`` holds no manifest.
+        holdout: documents of ``sources`` never trained on.
+        sharedctx: `SharedCtxConfig` fields of the adapter (its ``chunk_size`` is what inference uses).
+        context_chunks: ``[min, max]`` chunks of context per LM sample (drawn uniformly).
+        window: decoder window of an LM sample (loss on all of it but the first token).
+        tasks: mixing weights: ``lm``, ``passkey``, ``kv``, ``needle``, ``chunk_mention``, ``instruction``.
+        task_chunks: ``[min, max]`` chunks of context for the synthetic tasks.
+        instruction_file: JSONL of ``{"context": ..., "question": ..., "answer": ...}`` for the ``instruction`` task.
+        trainable: ``injection`` (the cross-attention blocks) or ``injection+gates`` only gates, etc. (see `_select_params`).
+        steps: optimiser steps; batch_size rows per micro-batch; grad_accum micro-batches per step.
+        lr, gate_lr, warmup, min_lr_ratio, weight_decay, clip: AdamW and schedule.
+        device: ``cpu``, ``cuda``...; autocast: ``bf16`` on CUDA (``none`` to disable; ignored on the CPU).
+        threads: torch CPU threads (0 leaves torch's default).
+        max_time_s: stop (saving a checkpoint and the adapter) after this much wall time; 0 for no limit.
+    """
+
+    model: str | None = None
+    out_dir: str = "runs/sharedctx"
+    data: str = "runs/shards"
+    sources: list[str] = field(default_factory=list)
+    holdout: list[str] = field(default_factory=list)
+    sharedctx: dict[str, Any] = field(default_factory=dict)
+    context_chunks: list[int] = field(default_factory=lambda: [4, 4])
+    window: int = 4096
+    tasks: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})
+    task_chunks: list[int] = field(default_factory=lambda: [1, 4])
+    instruction_file: str | None = None
+    trainable: str = "injection"
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-4
+    gate_lr: float = 3e-3
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    device: str = "cpu"
+    autocast: str = "bf16"
+    threads: int = 0
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 50
+    max_time_s: float = 0.0
+    progress: bool = True
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("context_chunks", "task_chunks"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"TrainConfig.{name} must be [min, max] with 0 <= min <= max, got {[lo, hi]}")
+        unknown = sorted(set(self.tasks) - set(TASKS) - {"lm", "instruction"})
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; known: lm, instruction, {', '.join(TASKS)}")
+        if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
+            raise ValueError(f"TrainConfig.tasks must give non-negative weights with a positive sum, got {self.tasks}")
+        if self.tasks.get("instruction") and not self.instruction_file:
+            raise ValueError("the 'instruction' task needs instruction_file = a JSONL of {context, question, answer}")
+        if self.trainable not in ("injection", "gates", "injection+norm"):
+            raise ValueError(f"TrainConfig.trainable must be 'injection', 'gates' or 'injection+norm', got {self.trainable!r}")
+        if self.window < 2 or self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("window >= 2, steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
+        SharedCtxConfig.from_dict(self.sharedctx)  # validate early
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown recipe keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """Read a recipe from ``.toml``, ``.json`` or ``.yaml``/``.yml`` (YAML needs pyyaml); relative paths in
+    ``data``, ``sources``, ``out_dir`` and ``instruction_file`` are resolved against the recipe's folder."""
+    path = Path(path)
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        data = tomllib.loads(text)
+    elif suffix == ".json":
+        data = json.loads(text)
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ImportError(f"reading {path} needs pyyaml (`pip install pyyaml`), or write the recipe as TOML or JSON") from exc
+        data = yaml.safe_load(text)
+    else:
+        raise ValueError(f"{path}: recipes are .toml, .json or .yaml files")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    data.update(overrides)
+    base = path.parent
+
+    def resolve(p: str) -> str:
+        return p if os.path.isabs(p) else os.path.normpath(base / p)
+
+    for key in ("data", "out_dir", "instruction_file"):
+        if data.get(key) and key not in overrides:
+            data[key] = resolve(data[key])
+    if "sources" in data:
+        data["sources"] = [resolve(s) for s in data["sources"]]
+    return TrainConfig.from_dict(data)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def collate(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Right-pad rows to ``(B, T)`` input ids, labels (``-100`` on padding) and attention mask."""
+    length = max(r.input_ids.numel() for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = r.input_ids.numel()
+        ids[i, :n], labels[i, :n], mask[i, :n] = r.input_ids, r.labels, 1
+    return ids, labels, mask, [r.context for r in rows]
+
+
+class Trainer:
+    """Runs a `TrainConfig` on a `SharedLLM` (built from ``config.model`` unless ``llm`` is given)."""
+
+    def __init__(self, config: TrainConfig, llm: Any = None, shards: TokenShards | None = None) -> None:
+        self.cfg = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.out = Path(config.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if llm is None:
+            from .model import SharedLLM
+
+            llm = SharedLLM.from_pretrained(
+                config.model or None, adapter=False, config=SharedCtxConfig.from_dict(config.sharedctx), device=config.device
+            )
+        self.llm = llm
+        self.device = torch.device(llm.device)
+        self.shards = shards if shards is not None else self._shards()
+        self.params = self._select_params()
+        gates = [p for n, p in llm.injection.named_parameters() if n.endswith("gate") and p.requires_grad]
+        gate_ids = {id(p) for p in gates}
+        rest = [p for p in self.params if id(p) not in gate_ids]
+        groups = [g for g in ({"params": rest, "lr": config.lr}, {"params": gates, "lr": config.gate_lr, "weight_decay": 0.0}) if g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.rng = np.random.default_rng(config.seed)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self._instructions: list[dict[str, Any]] | None = None
+        names = sorted(config.tasks)
+        weights = np.array([config.tasks[n] for n in names], dtype=np.float64)
+        self.task_names, self.task_p = names, weights / weights.sum()
+
+    # ------------------------------------------------------------------ setup
+    def _shards(self) -> TokenShards:
+        data = Path(self.cfg.data)
+        if not (data / "manifest.json").is_file():
+            if not self.cfg.sources:
+                raise FileNotFoundError(f"{data} holds no shards and the recipe gives no `sources` to build them from")
+            logger.warning("tokenising %s into %s", self.cfg.sources, data)
+            build_shards(self.cfg.sources, self.llm.tokenizer, data, holdout=self.cfg.holdout)
+        return TokenShards(data)
+
+    def _select_params(self) -> list[torch.nn.Parameter]:
+        llm, kind = self.llm, self.cfg.trainable
+        for p in llm.parameters():
+            p.requires_grad_(False)
+        for name, p in llm.injection.named_parameters():
+            if kind == "injection" or (kind == "gates" and name.endswith("gate")) or (kind == "injection+norm"):
+                p.requires_grad_(True)
+        if kind == "injection+norm":
+            llm.base.model.norm.weight.requires_grad_(True)
+        return [p for p in llm.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ sampling
+    @property
+    def chunk_size(self) -> int:
+        return self.llm.config.chunk_size
+
+    def sample_example(self, task: str) -> Example:
+        rng, cfg, c = self.rng, self.cfg, self.chunk_size
+        if task == "lm":
+            k = int(rng.integers(cfg.context_chunks[0], cfg.context_chunks[1] + 1))
+            seq = self.shards.sample(k * c + cfg.window, rng, "train")
+            return lm_example(seq, context_tokens=k * c)
+        k = int(rng.integers(max(1, cfg.task_chunks[0]), cfg.task_chunks[1] + 1))
+        tok = self.llm.tokenizer
+        if task == "instruction":
+            if self._instructions is None:
+                self._instructions = [json.loads(line) for line in Path(cfg.instruction_file).read_text().splitlines() if line.strip()]
+            row = self._instructions[int(rng.integers(len(self._instructions)))]
+            ctx = tok(row["context"], add_special_tokens=False)["input_ids"]
+            return instruction_example(tok, ctx, row["question"], row["answer"])
+        # the haystack: a random stretch of training text (generated filler when no text is long enough)
+        try:
+            doc = self.shards.sample(k * c, rng, "train")
+        except ValueError:
+            doc = None
+        if task == "chunk_mention":
+            return TASKS[task](tok, rng, length=k * c, chunk_size=c, filler=doc)
+        return TASKS[task](tok, rng, length=k * c, filler=doc)
+
+    def next_batch(self) -> list[Example]:
+        task = self.task_names[int(self.rng.choice(len(self.task_names), p=self.task_p))]
+        return [self.sample_example(task) for _ in range(self.cfg.batch_size)]
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.autocast == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def micro_step(self, rows: list[Example]) -> tuple[float, int]:
+        """Forward and backward one micro-batch; returns its loss and the number of scored tokens."""
+        llm = self.llm
+        pad = getattr(llm.tokenizer, "pad_token_id", None) or 0
+        ids, labels, mask, contexts = collate(rows, pad)
+        ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
+        with self._autocast():
+            injection = llm.prepare_injection(contexts, ids, labels=labels, generator=self.gen)
+            out = llm(ids, labels=labels, attention_mask=mask, injection=injection)
+            loss = out.loss
+        (loss / self.cfg.grad_accum).backward()
+        return float(loss.detach()), int((labels[:, 1:] != IGNORE).sum())
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        factor = lr_factor(self.step, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        for g, lr in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = lr * factor
+        self.llm.train()
+        t0 = time.perf_counter()
+        losses, tokens, tasks = [], 0, []
+        for _ in range(cfg.grad_accum):
+            rows = self.next_batch()
+            loss, n = self.micro_step(rows)
+            losses.append(loss)
+            tokens += sum(r.input_ids.numel() + r.context.numel() for r in rows)
+            tasks.append(rows[0].task)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip) if cfg.clip else torch.tensor(0.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.tokens += tokens
+        self.elapsed += dt
+        return {
+            "step": self.step,
+            "loss": float(np.mean(losses)),
+            "task": tasks[0] if len(set(tasks)) == 1 else ",".join(tasks),
+            "lr": self.opt.param_groups[0]["lr"],
+            "grad_norm": float(norm),
+            "tokens": self.tokens,
+            "step_s": round(dt, 3),
+            "tok_per_s": round(tokens / dt, 1),
+            "elapsed_s": round(self.elapsed, 1),
+            "gates": [round(float(b.gate_value().detach()), 4) for b in self.llm.injection],
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {n: p.detach().cpu().clone() for n, p in self.llm.named_parameters() if p.requires_grad},
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "rng": self.rng.bit_generator.state,
+            "gen": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        named = dict(self.llm.named_parameters())
+        with torch.no_grad():
+            for n, t in state["params"].items():
+                named[n].copy_(t.to(named[n].device, named[n].dtype))
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.rng.bit_generator.state = state["rng"]
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_checkpoint(self) -> Path:
+        path = self.out / CHECKPOINT
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def resume(self) -> bool:
+        """Load ``out_dir/checkpoint.pt`` if present; True when resumed."""
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        logger.warning("resumed from %s at step %d", path, self.step)
+        return True
+
+    def save_adapter(self, directory: str | os.PathLike | None = None) -> Path:
+        directory = Path(directory) if directory else self.out / "adapter"
+        self.llm.adapter_trained = self.step > 0
+        self.llm.save_pretrained(directory)
+        (directory / "training_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        return directory
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, *, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train until ``steps`` (or ``max_time_s``), logging JSONL to ``out_dir/train_log.jsonl``; returns a summary."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        start_step, start_wall = self.step, time.perf_counter()
+        first_loss = None
+        recent: list[float] = []
+        with open(self.out / LOG, "a") as log, tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step") as bar:
+            while self.step < cfg.steps:
+                rec = self.train_step()
+                first_loss = rec["loss"] if first_loss is None else first_loss
+                recent = (recent + [rec["loss"]])[-50:]
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    if on_log:
+                        on_log(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", avg=f"{np.mean(recent):.3f}", tps=rec["tok_per_s"])
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if cfg.max_time_s and time.perf_counter() - start_wall > cfg.max_time_s:
+                    logger.warning("stopping at step %d: max_time_s=%s reached", self.step, cfg.max_time_s)
+                    break
+        self.save_checkpoint()
+        adapter = self.save_adapter()
+        return {
+            "steps": self.step,
+            "steps_this_run": self.step - start_step,
+            "tokens": self.tokens,
+            "train_s": round(self.elapsed, 1),
+            "adapter": str(adapter),
+            "threads": torch.get_num_threads(),
+            "device": str(self.device),
+        }

@@ -1,0 +1,151 @@
+"""The training loop on tiny models: loss goes down, only the adapter changes, resume is exact, recipes parse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import byte_tokenizer, make_llm, tiny_model
+from sharedctx.data import build_shards, TokenShards
+from sharedctx.train import Trainer, TrainConfig, collate, load_recipe, lr_factor
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SMALL = dict(injection_layers=2, chunk_size=32, tree_height=3, node_keep=4, policy="right")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["stone", "river", "lamp", "green", "north", "bell", "seven", "quiet"]
+    for i in range(3):
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 600)))
+    (root / "held.txt").write_text("held out " * 200)
+    out = tmp_path_factory.mktemp("shards")
+    build_shards([root], byte_tokenizer(), out, holdout=["held.txt"])
+    return TokenShards(out)
+
+
+def _config(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "run"), sharedctx=SMALL, context_chunks=[1, 2], window=48, steps=4, warmup=1, lr=1e-2, gate_lr=5e-2, checkpoint_every=0, progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_steps_reduce_loss_and_touch_only_the_adapter(tmp_path, shards):
+    llm = make_llm(**SMALL)
+    trainer = Trainer(_config(tmp_path, steps=30, warmup=0, min_lr_ratio=1.0), llm=llm, shards=shards)
+    base_before = {n: p.detach().clone() for n, p in llm.base.named_parameters() if "cross" not in n}
+    inj_before = {n: p.detach().clone() for n, p in llm.injection.named_parameters()}
+    rows = [trainer.sample_example("lm")]
+    losses = []
+    for _ in range(30):
+        loss, n = trainer.micro_step(rows)
+        trainer.opt.step()
+        trainer.opt.zero_grad()
+        losses.append(loss)
+    assert losses[-1] < losses[0] - 0.05, losses
+    for n, p in llm.base.named_parameters():
+        if "cross" not in n:
+            assert torch.equal(p, base_before[n]), n
+    changed = [n for n, p in llm.injection.named_parameters() if not torch.equal(p, inj_before[n])]
+    assert any(n.endswith("gate") for n in changed) and any("q_proj" in n for n in changed)
+
+
+def test_mixed_tasks_and_batches(tmp_path, shards):
+    trainer = Trainer(_config(tmp_path, tasks={"lm": 1, "passkey": 1, "kv": 1}, batch_size=2, grad_accum=2, task_chunks=[1, 2], steps=3), llm=make_llm(**SMALL), shards=shards)
+    summary = trainer.fit()
+    assert summary["steps"] == 3
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    meta = json.loads((tmp_path / "run" / "adapter" / "sharedctx_adapter.json").read_text())
+    assert meta["trained"] is True and meta["config"]["chunk_size"] == 32
+
+
+def test_collate_pads_labels_and_mask():
+    from sharedctx.data import Example
+
+    a = Example(torch.arange(5), torch.tensor([5, 6, 7]), torch.tensor([-100, 6, 7]))
+    b = Example(torch.arange(4), torch.tensor([8, 9]), torch.tensor([-100, 9]))
+    ids, labels, mask, ctx = collate([a, b], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 0]] and labels.tolist() == [[-100, 6, 7], [-100, 9, -100]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_checkpoint_resume_is_exact(tmp_path, shards):
+    straight = Trainer(_config(tmp_path / "a", steps=4), llm=make_llm(**SMALL), shards=shards)
+    straight.fit()
+    first = Trainer(_config(tmp_path / "b", steps=4), llm=make_llm(**SMALL), shards=shards)
+    first.train_step()
+    first.train_step()
+    first.save_checkpoint()
+    resumed = Trainer(_config(tmp_path / "b", steps=4), llm=make_llm(**SMALL), shards=shards)
+    assert resumed.resume() and resumed.step == 2
+    resumed.fit()
+    for (n, p), (_, q) in zip(straight.llm.injection.named_parameters(), resumed.llm.injection.named_parameters()):
+        assert torch.equal(p, q), n
+    sa, sb = straight.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+    log_a = [json.loads(x)["loss"] for x in (tmp_path / "a" / "run" / "train_log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x)["loss"] for x in (tmp_path / "b" / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log_a[2:] == log_b
+
+
+def test_lr_schedule():
+    assert lr_factor(0, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(9, warmup=10, total=100, min_ratio=0.1) == pytest.approx(1.0)
+    assert lr_factor(10, warmup=10, total=100, min_ratio=0.1) == pytest.approx(1.0)
+    assert lr_factor(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(55, warmup=10, total=100, min_ratio=0.0) == pytest.approx(0.5)
+
+
+def test_recipes_parse_in_every_format(tmp_path):
+    data = {"out_dir": "out", "data": "shards", "steps": 7, "window": 64, "tasks": {"lm": 0.5, "passkey": 0.5}, "sharedctx": {"chunk_size": 256}}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    (tmp_path / "r.toml").write_text('out_dir = "out"\ndata = "shards"\nsteps = 7\nwindow = 64\ntasks = { lm = 0.5, passkey = 0.5 }\n[sharedctx]\nchunk_size = 256\n')
+    a, b = load_recipe(tmp_path / "r.json"), load_recipe(tmp_path / "r.toml")
+    assert a == b and a.out_dir == str(tmp_path / "out") and a.steps == 7
+    assert load_recipe(tmp_path / "r.toml", steps=9, out_dir=None).steps == 9
+    try:
+        import yaml
+    except ImportError:
+        with pytest.raises(ImportError, match="pyyaml"):
+            (tmp_path / "r.yaml").write_text("steps: 7\n")
+            load_recipe(tmp_path / "r.yaml")
+    else:
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+        assert load_recipe(tmp_path / "r.yaml") == a
+    (tmp_path / "bad.json").write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ValueError, match="stepz"):
+        load_recipe(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="unknown tasks"):
+        TrainConfig(tasks={"lm": 1, "sudoku": 1})
+
+
+@pytest.mark.parametrize("name", ["smollm2-cpu.toml", "smollm2-gpu.toml"])
+def test_shipped_recipes_parse(name):
+    cfg = load_recipe(RECIPES / name)
+    assert cfg.sharedctx["chunk_size"] == 1024 and "books/pride_and_prejudice.txt" in cfg.holdout
+    assert cfg.device == ("cuda" if "gpu" in name else "cpu")
+
+
+def test_cli_train_writes_an_adapter(tmp_path):
+    from sharedctx.cli import main
+
+    model_dir = tmp_path / "base"
+    tiny_model().save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some training words here " * 60)
+    (corpus / "b.txt").write_text("evaluation words " * 60)
+    recipe = {"model": str(model_dir), "out_dir": "run", "data": "shards", "sources": ["corpus"], "holdout": ["b.txt"], "sharedctx": SMALL, "context_chunks": [1, 1], "window": 32, "steps": 2, "warmup": 1}
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    assert main(["train", "--config", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file() and (tmp_path / "run" / "checkpoint.pt").is_file()
+    # resuming a finished run does no more steps
+    assert main(["train", "--config", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 2
