@@ -515,8 +515,9 @@ class ContextIndex:
             keys.append(key)
             roots.append(None)
             i = len(keys) - 1
-            if key in pending:
+            if key in pending:  # repeated within this batch: encoded once
                 pending[key].append(i)
+                reused += 1
                 continue
             if key in known and key in self.store:
                 roots[i] = known[key]
@@ -593,18 +594,58 @@ class ContextIndex:
             root_spans.append((base, base + n))
             base += n
         out: list[dict[tuple[int, int], NodeStates]] = [{} for _ in chunks]
-        encoder = self.llm.encoder
-        with torch.no_grad():
-            states = encoder.encode_spans(buf, full_spans)
-            roots = encoder.encode_spans(buf, root_spans, full=False)
+        states = self._encode_padded(buf, full_spans, full=True)
+        roots = self._encode_padded(buf, root_spans, full=False)
         for (j, node), st in zip(owners, states):
-            out[j][node] = NodeStates(st.keys.cpu(), st.values.cpu(), st.key.cpu())
+            out[j][node] = st
         for j, st in enumerate(roots):
             if (0, 0) in out[j]:
-                out[j][(0, 0)].key = st.key.cpu()
+                out[j][(0, 0)].key = st.key
             else:
-                out[j][(0, 0)] = NodeStates(None, None, st.key.cpu())
+                out[j][(0, 0)] = st
         return out
+
+    def _encode_padded(self, buf: torch.Tensor, spans: list[tuple[int, int]], *, full: bool) -> list[NodeStates]:
+        """Encode spans of ``buf`` on their own, right-padding spans of similar length into one batch.
+
+        Exact: under causal attention a token never sees the padding after it, every sampled state lies inside
+        its span (indices ``< l``) and the node key is read at the span's own last token. Content-defined chunks
+        have many distinct lengths, so batching only equal lengths would run almost one pass per node.
+        """
+        from .ops.sampling import sample_indices
+
+        cfg = self.llm.config
+        encoder = self.llm.encoder
+        n_layers = cfg.injection_layers if full else 1
+        order = sorted(range(len(spans)), key=lambda j: spans[j][0] - spans[j][1])  # longest first
+        batches: list[list[int]] = []
+        for j in order:
+            length = spans[j][1] - spans[j][0]
+            if batches:
+                top = spans[batches[-1][0]][1] - spans[batches[-1][0]][0]
+                if length >= 0.8 * top and (len(batches[-1]) + 1) * top <= cfg.max_batch_tokens:
+                    batches[-1].append(j)
+                    continue
+            batches.append([j])
+        out: list[NodeStates | None] = [None] * len(spans)
+        with torch.no_grad():
+            for members in batches:
+                lengths = [spans[j][1] - spans[j][0] for j in members]
+                rows = torch.zeros(len(members), lengths[0], dtype=torch.long)
+                for r, j in enumerate(members):
+                    rows[r, : lengths[r]] = buf[spans[j][0] : spans[j][1]]
+                keys, values, first = encoder.run(rows, n_layers)
+                last = first[torch.arange(len(members)), torch.tensor(lengths) - 1]  # (B, hidden)
+                node_keys = self.llm.base.model.norm(last).float().cpu()
+                for r, j in enumerate(members):
+                    if not full:
+                        out[j] = NodeStates(None, None, node_keys[r])
+                        continue
+                    idx = torch.tensor(sample_indices(lengths[r], cfg.node_keep, cfg.sampling), device=keys[0].device)
+                    k = torch.stack([t[r].index_select(1, idx) for t in keys]).cpu()  # (M, Hkv, n, D)
+                    v = torch.stack([t[r].index_select(1, idx) for t in values]).cpu()
+                    out[j] = NodeStates(k, v, node_keys[r])
+        return out  # type: ignore[return-value]
 
     def _chunk_nodes(self, doc: _Doc, c: int, counts: dict[str, int]) -> dict[tuple[int, int], NodeStates]:
         """A chunk's nodes from the store, or encoded again (and stored) when missing, evicted or corrupt."""

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import struct
 import threading
 from pathlib import Path
@@ -202,8 +203,9 @@ class BlobCache:
         blob = pack(tensors, metadata)
         try:
             self._cache.set(key, blob, retry=True)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        except (OSError, sqlite3.OperationalError) as exc:
+            full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "full" in str(exc)
+            if full:
                 raise StoreFullError(
                     f"no space left on the disk of {self.directory} while writing {len(blob)} bytes; free space, "
                     "lower the store's size_limit or move the store (nothing half-written was kept)"
