@@ -71,6 +71,8 @@ def _load(args):
 def _cmd_ask(args) -> int:
     from .errors import InputError
 
+    if args.store is not None:
+        return _cmd_ask_store(args)
     t0 = time.perf_counter()
     if not args.file:
         raise InputError("give at least one --file PATH to read")
@@ -124,6 +126,140 @@ def _cmd_train(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- index subcommands
+def _apply_manifest(args) -> None:
+    """Take the lower-side options an existing index was built with, unless given on the command line."""
+    from .index import DocumentTable
+
+    if not (Path(args.store) / "docs").is_dir():
+        return
+    manifest = DocumentTable(args.store).manifest() or {}
+    for name, value in (manifest.get("signature") or {}).items():
+        if getattr(args, name, "missing") is None:
+            setattr(args, name, value)
+
+
+def _open_index(args, *, create: bool):
+    from .errors import InputError
+    from .index import ContextIndex
+
+    if not create and not (Path(args.store) / "docs").is_dir():
+        raise InputError(f"{args.store} holds no index; build one with `sharedctx index add --store {args.store} PATH...`")
+    _apply_manifest(args)
+    llm = _load(args)
+    options = {"top_k": args.top_k} if getattr(args, "top_k", None) else {}
+    if getattr(args, "max_injected_states", None):
+        options["max_injected_states"] = args.max_injected_states
+    if getattr(args, "size_limit", None):
+        options["size_limit"] = int(args.size_limit * 2**20)
+    return llm, ContextIndex(llm, args.store, **options)
+
+
+def _cmd_index_add(args) -> int:
+    t0 = time.perf_counter()
+    llm, index = _open_index(args, create=True)
+    t_load = time.perf_counter()
+    report = index.add_many(args.paths, show_progress=sys.stderr.isatty() and not args.json)
+    payload = report.to_dict()
+    payload["timings"] = {"load_s": round(t_load - t0, 4), "build_s": round(time.perf_counter() - t_load, 4)}
+    payload["store"] = str(index.directory)
+    index.close()
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(
+            f"{report.documents} documents, {report.tokens} tokens, {report.chunks} chunks: "
+            f"{report.chunks_encoded} encoded, {report.chunks_reused} reused ({payload['timings']['build_s']:.2f} s)"
+        )
+        for path, reason in report.skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0 if report.documents or not report.skipped else 1
+
+
+def _cmd_index_list(args) -> int:
+    from .errors import InputError
+    from .index import DocumentTable
+
+    if not (Path(args.store) / "docs").is_dir():
+        raise InputError(f"{args.store} holds no index")
+    table = DocumentTable(args.store)
+    docs = [table.get(i) for i in table.ids()]
+    rows = sorted((d for d in docs if d is not None), key=lambda d: (d.seq, d.doc_id))
+    infos = [vars(d.info()) for d in rows]
+    if args.json:
+        print(json.dumps({"store": str(args.store), "manifest": table.manifest(), "documents": infos}, indent=2))
+    else:
+        for info in infos:
+            print(f"{info['doc_id']}\t{info['tokens']} tokens\t{info['chunks']} chunks")
+        print(f"{len(infos)} documents")
+    return 0
+
+
+def _cmd_index_remove(args) -> int:
+    from .errors import InputError
+    from .index import DocumentNotFoundError, DocumentTable
+
+    if not (Path(args.store) / "docs").is_dir():
+        raise InputError(f"{args.store} holds no index")
+    table = DocumentTable(args.store)
+    missing = [d for d in args.doc_ids if d not in set(table.ids())]
+    if missing:
+        raise DocumentNotFoundError(f"no documents {missing} in {args.store}; see `sharedctx index list --store {args.store}`")
+    for doc_id in args.doc_ids:
+        table.delete(doc_id)
+    print(f"removed {len(args.doc_ids)} documents")
+    return 0
+
+
+def _cmd_ask_store(args) -> int:
+    t0 = time.perf_counter()
+    llm, index = _open_index(args, create=bool(args.file))
+    if args.file:
+        index.add_many(args.file, show_progress=False)
+    t_load = time.perf_counter()
+    stream = sys.stdout.isatty() and not args.json
+    if not llm.adapter_trained and not args.json and args.mode != "text":
+        print(UNTRAINED_NOTE, file=sys.stderr)
+    stats: dict = {}
+    pieces = []
+    for delta in index.stream(
+        args.question, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, stats=stats
+    ):
+        pieces.append(delta)
+        if stream:
+            print(delta, end="", flush=True)
+    answer = "".join(pieces)
+    citations = stats.pop("citations")
+    timings = dict(stats.pop("timings"))
+    timings["load_s"] = t_load - t0
+    timings["total_s"] = time.perf_counter() - t0
+    stats.pop("token_ids", None)
+    stats["adapter"] = {"path": llm.adapter_path, "trained": llm.adapter_trained}
+    index.close()
+    if args.json:
+        payload = {
+            "answer": answer,
+            "citations": [c.to_dict() for c in citations],
+            "stats": stats,
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+        }
+        if not llm.adapter_trained and args.mode != "text":
+            payload["warning"] = UNTRAINED_NOTE
+        print(json.dumps(payload, indent=2))
+        return 0
+    print() if stream else print(answer)
+    print("\nsources:")
+    for i, c in enumerate(citations[: args.show_citations]):
+        snippet = " ".join(c.text.split())[:100]
+        print(f"  [{i + 1}] {c.doc_id} chars {c.char_start}-{c.char_end} (score {c.score:.3f}): {snippet}")
+    print(
+        f"({stats['chunks_selected']} chunks, {stats['injected_states']} injected states, {stats['chunks_cached']} cached, "
+        f"{stats['chunks_encoded']} encoded; {timings['total_s']:.2f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -139,7 +275,30 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--json", action="store_true", help="print {answer, stats, timings} as JSON")
+    ask.add_argument("--store", default=None, metavar="DIR", help="answer from the index in DIR (see `sharedctx index`)")
+    ask.add_argument("--mode", choices=["latent", "text", "hybrid"], default="latent", help="with --store: how the answer reads the index")
+    ask.add_argument("--top-k", type=int, default=None, help="with --store: chunks injected at most (default 8)")
+    ask.add_argument("--max-injected-states", type=int, default=None, help="with --store: budget of injected states")
+    ask.add_argument("--show-citations", type=int, default=5, help="with --store: citations printed (plain output)")
     ask.set_defaults(func=_cmd_ask)
+
+    index = sub.add_parser("index", help="build and inspect a document index (encode once, query many times)")
+    isub = index.add_subparsers(dest="index_command", required=True)
+    add = isub.add_parser("add", help="add files and directories to the index in --store DIR")
+    add.add_argument("paths", nargs="+", metavar="PATH")
+    add.add_argument("--store", required=True, metavar="DIR")
+    add.add_argument("--size-limit", type=float, default=None, metavar="MiB", help="node store size limit (default 4096)")
+    add.add_argument("--json", action="store_true", help="print the build report as JSON")
+    _add_model_args(add)
+    add.set_defaults(func=_cmd_index_add)
+    lst = isub.add_parser("list", help="list the documents of an index")
+    lst.add_argument("--store", required=True, metavar="DIR")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_cmd_index_list)
+    rm = isub.add_parser("remove", help="remove documents from an index")
+    rm.add_argument("doc_ids", nargs="+", metavar="DOC_ID")
+    rm.add_argument("--store", required=True, metavar="DIR")
+    rm.set_defaults(func=_cmd_index_remove)
 
     train = sub.add_parser("train", help="train an injection adapter from a recipe (TOML, JSON or YAML)")
     train.add_argument("--config", required=True, metavar="FILE", help="recipe file, e.g. recipes/smollm2-cpu.toml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections import defaultdict
 from contextlib import nullcontext
 from typing import Sequence
@@ -44,6 +45,7 @@ class LowerEncoder:
         #: number of lower-model passes run (tests count them to prove caching)
         self.passes = 0
         self.tokens_encoded = 0
+        self._counter_lock = threading.Lock()  # passes may run from many threads at once
 
     # ------------------------------------------------------------------ one batched pass
     @property
@@ -90,8 +92,9 @@ class LowerEncoder:
                     first = hidden
         keys = [cache.layers[i].keys for i in range(n_layers)]
         values = [cache.layers[i].values for i in range(n_layers)]
-        self.passes += 1
-        self.tokens_encoded += batch * length
+        with self._counter_lock:
+            self.passes += 1
+            self.tokens_encoded += batch * length
         return keys, values, first
 
     def _node_key(self, first: torch.Tensor) -> torch.Tensor:

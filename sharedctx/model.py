@@ -314,6 +314,17 @@ class SharedLLM(nn.Module):
             return None
         return self._assemble(rows)
 
+    def assemble_injection(self, rows) -> Injection:
+        """Injected states from nodes chosen by the caller (e.g. across many documents, see `ContextIndex`).
+
+        ``rows``: per batch row, a list of ``(node_id, token_span, NodeStates)`` with ``node_id = (chunk, level,
+        index)``; chunk positions follow the order of ``chunk`` (rank among the row's chunks), so number chunks in
+        document order. Each row's `InjectedNode` provenance is kept in ``Injection.nodes``.
+        """
+        if not rows or all(not r for r in rows):
+            raise ValueError("nothing to inject: every row is empty")
+        return self._assemble(rows)
+
     def _assemble(self, rows) -> Injection:
         cfg = self.config
         device, dtype = self.device, self.dtype
@@ -452,14 +463,17 @@ class SharedLLM(nn.Module):
         chat: bool = True,
         system: str | None = None,
         stats: dict[str, Any] | None = None,
+        injection: Injection | None = None,
     ) -> Iterator[str]:
-        """Yield the answer's text as it is decoded. Injected states are built once from the prompt."""
+        """Yield the answer's text as it is decoded. Injected states are built once from the prompt, or given
+        ready as ``injection`` (e.g. by `ContextIndex`; then ``context`` must be None)."""
+        if injection is not None and context is not None:
+            raise ValueError("give either context= or injection=, not both")
         opts = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop)
         stats = {} if stats is None else stats
         t0 = time.perf_counter()
         ids = self._prompt_ids(prompt, chat, system)
         self._check_length(ids.shape[1] + opts.max_new_tokens)
-        injection = None
         tree = None
         if context is not None:
             tree = self.context_tree(context)

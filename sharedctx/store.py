@@ -1,0 +1,347 @@
+"""TreeStore: a content-addressed disk cache of compressed chunk trees, on diskcache, that never unpickles.
+
+A chunk's compressed nodes depend only on (base-model fingerprint, the lower-side options that shape them,
+the chunk's token ids), because every node is encoded on its own with positions from 0. That triple, hashed,
+is the key; the value is one safetensors blob (all nodes of the chunk's tree) behind a magic header and a
+SHA-256 checksum. Values are bytes only: diskcache pickles anything else, and unpickling a file planted in a
+cache directory runs arbitrary code, so `SafeDisk` refuses to store or load pickled entries at all.
+
+Layout of an entry::
+
+    b"SCTX" | version (1 byte) | sha256(payload) (32 bytes) | payload = safetensors bytes
+
+A corrupt, truncated or refused entry is deleted and reported as a miss, so the caller recomputes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+import diskcache
+import numpy as np
+import torch
+
+from .errors import SharedCtxError
+from .tree import NodeStates
+
+__all__ = [
+    "TreeStore",
+    "BlobCache",
+    "SafeDisk",
+    "StoreError",
+    "StoreFullError",
+    "StoreMismatchError",
+    "UnsafeEntryError",
+    "chunk_key",
+    "pack",
+    "unpack",
+]
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"SCTX"
+VERSION = 1
+_HEADER = len(MAGIC) + 1 + 32
+DEFAULT_SIZE_LIMIT = 4 * 2**30
+
+ChunkNodes = dict[tuple[int, int], NodeStates]  # (level, index) -> states; (0, 0) is the chunk root
+
+
+class StoreError(SharedCtxError, RuntimeError):
+    """A store could not be opened, read or written."""
+
+
+class StoreFullError(StoreError):
+    """The disk holding the store is full: nothing half-written was kept."""
+
+
+class StoreMismatchError(SharedCtxError, ValueError):
+    """The store was built by another base model or with other lower-side options."""
+
+
+class UnsafeEntryError(StoreError):
+    """An entry in the store is pickled (or otherwise not sharedctx bytes) and is refused, never loaded."""
+
+
+# ---------------------------------------------------------------------- a diskcache Disk that never pickles
+class SafeDisk(diskcache.Disk):
+    """Keys are ``str``; values are ``bytes``. Anything pickled is refused on the way in and on the way out."""
+
+    def put(self, key):
+        if type(key) is not str:
+            raise TypeError(f"TreeStore keys are str, got {type(key).__name__}")
+        return super().put(key)
+
+    def get(self, key, raw):
+        if not raw:
+            raise UnsafeEntryError("refusing a pickled key in the store; delete the store directory if you did not put it there")
+        return super().get(key, raw)
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if type(value) is not bytes:
+            raise TypeError(f"TreeStore values are bytes, got {type(value).__name__} (diskcache would pickle it)")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode, filename, value, read):
+        if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY) or read:
+            raise UnsafeEntryError(f"refusing a store entry of diskcache mode {mode} (only raw bytes are sharedctx's)")
+        out = super().fetch(mode, filename, value, read)
+        if type(out) is not bytes:
+            raise UnsafeEntryError(f"refusing a store entry holding {type(out).__name__}, not bytes")
+        return out
+
+    def _write(self, full_path, iterator, mode, encoding=None):
+        try:
+            return super()._write(full_path, iterator, mode, encoding)
+        except BaseException:
+            # a failed write (a full disk) leaves no partial file behind; the row was never inserted
+            try:
+                os.remove(full_path)
+            except OSError:
+                pass
+            raise
+
+
+# ---------------------------------------------------------------------- serialisation
+def pack(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Safetensors bytes of ``tensors`` behind a magic header and a checksum."""
+    from safetensors.torch import save
+
+    payload = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+    return MAGIC + bytes([VERSION]) + hashlib.sha256(payload).digest() + payload
+
+
+def unpack(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Check and decode a blob written by `pack`; raises `StoreError` when it is corrupt or truncated."""
+    from safetensors.torch import load
+
+    if len(blob) < _HEADER + 8 or blob[:4] != MAGIC:
+        raise StoreError("not a sharedctx entry (bad magic or too short)")
+    if blob[4] != VERSION:
+        raise StoreError(f"entry format {blob[4]} is not {VERSION}")
+    payload = blob[_HEADER:]
+    if hashlib.sha256(payload).digest() != blob[5:_HEADER]:
+        raise StoreError("checksum mismatch (corrupt or truncated entry)")
+    (n,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8 : 8 + n])
+    metadata = header.get("__metadata__", {}) or {}
+    return load(payload), metadata
+
+
+def chunk_key(fingerprint: str, signature: Mapping[str, Any], token_ids: torch.Tensor | np.ndarray) -> str:
+    """The content address of a chunk's tree: SHA-256 of (base fingerprint, lower-side options, token ids)."""
+    h = hashlib.sha256(b"sharedctx-chunk-v1\0")
+    h.update(fingerprint.encode() + b"\0")
+    h.update(json.dumps(dict(signature), sort_keys=True).encode() + b"\0")
+    ids = token_ids.numpy() if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids)
+    h.update(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+    return "chunk/" + h.hexdigest()
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+# ---------------------------------------------------------------------- a checked bytes cache
+class BlobCache:
+    """A diskcache of checked blobs: bytes in, bytes out, never pickle; thread- and process-safe."""
+
+    def __init__(self, directory: str | os.PathLike, *, size_limit: int | None = None) -> None:
+        self.directory = _private_dir(Path(directory))
+        settings: dict[str, Any] = {"eviction_policy": "none"} if size_limit is None else {
+            "eviction_policy": "least-recently-used",
+            "size_limit": int(size_limit),
+            "cull_limit": 16,
+        }
+        try:
+            self._cache = diskcache.Cache(str(self.directory), disk=SafeDisk, timeout=60, **settings)
+        except Exception as exc:
+            raise StoreError(f"cannot open the store in {self.directory}: {exc}") from exc
+        self._lock = threading.Lock()
+        self.counts = {"hits": 0, "misses": 0, "writes": 0, "corrupt": 0, "refused": 0}
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] += 1
+
+    def get(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The decoded entry, or None when it is missing, corrupt (dropped) or unsafe (dropped)."""
+        try:
+            blob = self._cache.get(key, retry=True)
+        except UnsafeEntryError as exc:
+            logger.warning("store %s: %s; dropping entry %s", self.directory, exc, key)
+            self._count("refused")
+            self.delete(key)
+            self._count("misses")
+            return None
+        if blob is None:
+            self._count("misses")
+            return None
+        try:
+            out = unpack(blob)
+        except Exception as exc:
+            logger.warning("store %s: entry %s is corrupt (%s); dropping it", self.directory, key, exc)
+            self._count("corrupt")
+            self.delete(key)
+            self._count("misses")
+            return None
+        self._count("hits")
+        return out
+
+    def set(self, key: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+        blob = pack(tensors, metadata)
+        try:
+            self._cache.set(key, blob, retry=True)
+        except (OSError, sqlite3.OperationalError) as exc:
+            full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "full" in str(exc)
+            if full:
+                raise StoreFullError(
+                    f"no space left on the disk of {self.directory} while writing {len(blob)} bytes; free space, "
+                    "lower the store's size_limit or move the store (nothing half-written was kept)"
+                ) from exc
+            raise StoreError(f"cannot write to the store in {self.directory}: {exc}") from exc
+        self._count("writes")
+
+    def add_raw(self, key: str, value: bytes) -> bytes:
+        """Store ``value`` under ``key`` unless present (atomically); return what the store now holds."""
+        self._cache.add(key, value, retry=True)
+        return self._cache.get(key, retry=True)
+
+    def get_raw(self, key: str) -> bytes | None:
+        return self._cache.get(key, retry=True)
+
+    def set_raw(self, key: str, value: bytes) -> None:
+        self._cache.set(key, value, retry=True)
+
+    def delete(self, key: str) -> bool:
+        return bool(self._cache.delete(key, retry=True))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._cache
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Keys starting with ``prefix`` (read straight from the index table: no value is decoded)."""
+        rows = self._cache._sql("SELECT key FROM Cache WHERE raw = 1 AND key >= ? AND key < ?", (prefix, prefix + "\uffff"))
+        return [k for (k,) in rows.fetchall() if isinstance(k, str)]
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def volume(self) -> int:
+        return int(self._cache.volume())
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+# ---------------------------------------------------------------------- the node store
+class TreeStore:
+    """Compressed chunk trees, content-addressed, on disk.
+
+    Args:
+        directory: created private (0700) when missing.
+        size_limit: bytes on disk before the least recently used chunks are evicted (default 4 GiB).
+        fingerprint, signature: when given, the store is bound to that base model and lower-side configuration:
+            the first opening records them, a later opening with others raises `StoreMismatchError`.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        size_limit: int = DEFAULT_SIZE_LIMIT,
+        fingerprint: str | None = None,
+        signature: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.directory = _private_dir(Path(directory))
+        self.size_limit = int(size_limit)
+        self._blobs = BlobCache(self.directory, size_limit=self.size_limit)
+        self.fingerprint = fingerprint
+        self.signature = dict(signature) if signature is not None else None
+        if fingerprint is not None:
+            self._bind(fingerprint, dict(signature or {}))
+
+    def _bind(self, fingerprint: str, signature: dict[str, Any]) -> None:
+        mine = json.dumps({"fingerprint": fingerprint, "signature": signature}, sort_keys=True).encode()
+        held = self._blobs.add_raw("manifest", mine)
+        if held != mine:
+            try:
+                theirs = json.loads(held)
+            except Exception:
+                theirs = {"unreadable": True}
+            raise StoreMismatchError(
+                f"the store in {self.directory} was built by base model {theirs.get('fingerprint')} with lower-side options "
+                f"{theirs.get('signature')}; this model is {fingerprint} with {signature}. Use another store directory "
+                "for this model, or load the model and options the store was built with"
+            )
+
+    # ------------------------------------------------------------------ chunk trees
+    def key(self, token_ids: torch.Tensor) -> str:
+        if self.fingerprint is None or self.signature is None:
+            raise ValueError("this TreeStore is not bound to a model: pass fingerprint= and signature=, or use chunk_key()")
+        return chunk_key(self.fingerprint, self.signature, token_ids)
+
+    def get_chunk(self, key: str) -> ChunkNodes | None:
+        """All nodes of one chunk's tree, or None (missing, or corrupt/unsafe and dropped)."""
+        got = self._blobs.get(key)
+        if got is None:
+            return None
+        tensors, meta = got
+        if meta.get("kind") != "chunk" or (self.fingerprint is not None and meta.get("fingerprint") != self.fingerprint):
+            logger.warning("store %s: entry %s is not a chunk of this model; dropping it", self.directory, key)
+            self._blobs.delete(key)
+            return None
+        nodes: ChunkNodes = {}
+        for name, t in tensors.items():
+            kind, level, index = name.split("/")
+            st = nodes.setdefault((int(level), int(index)), NodeStates(None, None, None))
+            setattr(st, kind, t)
+        return nodes
+
+    def put_chunk(self, key: str, nodes: Mapping[tuple[int, int], NodeStates], *, n_tokens: int) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for (level, index), st in nodes.items():
+            for kind in ("keys", "values", "key"):
+                t = getattr(st, kind)
+                if t is not None:
+                    tensors[f"{kind}/{level}/{index}"] = t
+        meta = {"kind": "chunk", "fingerprint": self.fingerprint or "", "n_tokens": str(int(n_tokens))}
+        self._blobs.set(key, tensors, meta)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._blobs
+
+    def delete(self, key: str) -> bool:
+        return self._blobs.delete(key)
+
+    def chunk_keys(self) -> list[str]:
+        return self._blobs.keys("chunk/")
+
+    def __len__(self) -> int:
+        return len(self.chunk_keys())
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Hits, misses, writes, corrupt and refused entries seen by this handle; bytes on disk."""
+        return {**self._blobs.counts, "volume_bytes": self._blobs.volume()}
+
+    @property
+    def blobs(self) -> BlobCache:
+        return self._blobs
+
+    def close(self) -> None:
+        self._blobs.close()
+
+    def __repr__(self) -> str:
+        return f"TreeStore({str(self.directory)!r}, size_limit={self.size_limit})"
