@@ -130,19 +130,19 @@ class SharedLatent:
 class _IndexSystem:
     mode = "latent"
 
-    def __init__(self, llm: Any, *, top_k: int = 4, **_: Any) -> None:
+    def __init__(self, llm: Any, *, top_k: int = 4, max_injected_states: int | None = None, expand_margin: float | None = None, **_: Any) -> None:
         self.llm = llm
-        self.top_k = top_k
+        self.options = {"top_k": top_k, "max_injected_states": max_injected_states, "expand_margin": expand_margin}
 
     def __call__(self, context: str, question: str, max_new_tokens: int) -> dict[str, Any]:
         from sharedctx.index import ContextIndex
 
         with tempfile.TemporaryDirectory(prefix="bench-index-") as d:
             t0 = time.perf_counter()
-            with ContextIndex(self.llm, Path(d) / "store", top_k=self.top_k) as index:
+            with ContextIndex(self.llm, Path(d) / "store", **self.options) as index:
                 index.add(context, doc_id="doc")
             build_s = time.perf_counter() - t0
-            with ContextIndex(self.llm, Path(d) / "store", top_k=self.top_k) as index:  # reopened: a warm store
+            with ContextIndex(self.llm, Path(d) / "store", **self.options) as index:  # reopened: a warm store
                 t1 = time.perf_counter()
                 ans = index.query(question, mode=self.mode, max_new_tokens=max_new_tokens)
                 query_s = time.perf_counter() - t1

@@ -15,6 +15,8 @@ with every trial, accuracy tables by system x task x length and system x length 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from collections import defaultdict
 
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_model_args(ap, lengths=[4096, 8192, 16384, 32768])
     ap.add_argument("--tasks", nargs="+", default=None, choices=TASK_NAMES, help="default: all (passkey, niah_multikey, vt with --quick)")
     ap.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS))
-    ap.add_argument("--trials", type=int, default=2, help="trials per task and length (depths cycle over them)")
+    ap.add_argument("--trials", type=int, default=2, help="trials per task and length (depths cycle over tasks and trials)")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--top-k", type=int, default=8, help="chunks for RAG and BM25 (of --chunk-tokens each)")
@@ -65,11 +67,32 @@ def main(argv: list[str] | None = None) -> dict:
 
     trials, skipped = [], defaultdict(dict)
     start = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
+
+    def save() -> object:
+        result = {
+            **model_info(llm),
+            "load_average_at_start": round(load_at_start, 2),
+            "lengths": args.lengths, "tasks": args.tasks, "trials_per_task": args.trials, "depths": args.depths,
+            "max_new_tokens": args.max_new_tokens, "systems": list(systems), "not_run": not_run, "skipped": dict(skipped),
+            "options": {**options, "text_top_k": args.text_top_k, "filler": str(args.filler), "passkey_filler": "sharedctx.data repeated sentences",
+                        "rag": "LlamaIndex vector-index recipe: token chunks with 1/8 overlap, MiniLM mean pooling, cosine top-k in document order, DEFAULT_TEXT_QA_PROMPT",
+                        "streaming": "4 sink tokens + most recent tokens, re-encoded (no rolling pass over evicted tokens)"},
+            "lengths_done": sorted({r["length"] for r in trials}),
+            "accuracy": _table(trials, ("system", "task", "length")),
+            "accuracy_by_system_length": _table(trials, ("system", "length")),
+            "accuracy_by_depth": _table(trials, ("system", "length", "depth")),
+            "mean_total_s": _table(trials, ("system", "length"), key="total_s"),
+            "seconds": round(time.perf_counter() - start, 1),
+            "trials": trials,
+        }
+        return write_json(output_name("finding", args), result, args.out)
+
     for length in args.lengths:
         rng = np.random.default_rng(args.seed + length)
-        for task_name in args.tasks:
+        for ti, task_name in enumerate(args.tasks):
             for t in range(args.trials):
-                depth = args.depths[t % len(args.depths)]
+                depth = args.depths[(ti + t) % len(args.depths)]  # depths cycle over tasks and trials
                 task = make_task(task_name, tok, rng, length=length, depth=depth, filler=filler)
                 ctx_tokens = len(tok(task.context, add_special_tokens=False)["input_ids"])
                 for name, system in systems.items():
@@ -82,21 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
                     trials.append({"system": name, "task": task_name, "length": length, "context_tokens": ctx_tokens, "depth": depth,
                                    "score": s, "answers": task.answers, **r})
                     print(f"{length:>6} {task_name:<16} d={depth:.2f} {name:<17} score {s:.2f}  {r['total_s']:6.1f} s  {r['answer'][:50]!r}", flush=True)
-    result = {
-        **model_info(llm),
-        "lengths": args.lengths, "tasks": args.tasks, "trials_per_task": args.trials, "depths": args.depths,
-        "max_new_tokens": args.max_new_tokens, "systems": list(systems), "not_run": not_run, "skipped": dict(skipped),
-        "options": {**options, "text_top_k": args.text_top_k, "filler": str(args.filler), "passkey_filler": "sharedctx.data repeated sentences",
-                    "rag": "LlamaIndex vector-index recipe: token chunks with 1/8 overlap, MiniLM mean pooling, cosine top-k in document order, DEFAULT_TEXT_QA_PROMPT",
-                    "streaming": "4 sink tokens + most recent tokens, re-encoded (no rolling pass over evicted tokens)"},
-        "accuracy": _table(trials, ("system", "task", "length")),
-        "accuracy_by_system_length": _table(trials, ("system", "length")),
-        "accuracy_by_depth": _table(trials, ("system", "length", "depth")),
-        "mean_total_s": _table(trials, ("system", "length"), key="total_s"),
-        "seconds": round(time.perf_counter() - start, 1),
-        "trials": trials,
-    }
-    path = write_json(output_name("finding", args), result, args.out)
+        save()  # after every length, so a long run leaves its finished lengths behind
+    path = save()
+    result = json.loads(path.read_text())
     _plot(result, path.with_suffix(".png"))
     print(f"wrote {path}")
     return result
