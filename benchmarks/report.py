@@ -16,7 +16,81 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 def _machine(m: dict) -> str:
     where = m.get("cuda") or f"{m.get('cpu_count')}-core CPU ({m.get('processor')}), {m.get('torch_threads')} threads"
-    return f"{where}, torch {m.get('torch')}"
+    load = f", load {m['load_average_1m']}" if m.get("load_average_1m") is not None else ""
+    return f"{where}, torch {m.get('torch')}{load}"
+
+
+def _adapter(data: dict) -> str:
+    a = data.get("adapter") or {}
+    if not a.get("path"):
+        return "identity adapter (untrained: the context is not read)"
+    return f"adapter {a['path'].split('/sharedctx/')[-1]}" + ("" if a.get("trained") else " (untrained)")
+
+
+def _k(n) -> str:
+    n = int(n)
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def ppl_rows(data: dict) -> list[str]:
+    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    rows = []
+    for r in data["results"]:
+        cells = ", ".join(f"{m} {v['ppl']:.2f}" for m, v in r["modes"].items())
+        flag = " (full attention past the trained window)" if r.get("full_past_trained_window") else ""
+        rows.append(
+            f"| PPL of the last {r['score_last']} tokens, {r['file']}, {_k(r['total_length'])} tokens, {r['n_windows']} windows; "
+            f"{_adapter(data)} | {cells}{flag} | {cmd} | {mach} |"
+        )
+    return rows
+
+
+def finding_rows(data: dict) -> list[str]:
+    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    per = data["accuracy_by_system_length"]
+    n_trials = len(data["tasks"]) * data["trials_per_task"]
+    rows = []
+    for system in data["systems"]:
+        if system not in per:
+            continue
+        cells = " · ".join(f"{_k(n)} {v:.2f}" for n, v in sorted(per[system].items(), key=lambda x: int(x[0])))
+        skipped = data.get("skipped", {}).get(system)
+        if skipped:
+            cells += " · " + ", ".join(f"{_k(n)} not run" for n in skipped)
+        note = f"; {_adapter(data)}" if system.startswith("sharedctx_latent") else ""
+        rows.append(f"| finding things, {system}: mean score over {n_trials} trials a length ({', '.join(data['tasks'])}){note} | {cells} | {cmd} | {mach} |")
+    for system, reason in data.get("not_run", {}).items():
+        rows.append(f"| finding things, {system} | not run: {reason} | {cmd} | {mach} |")
+    return rows
+
+
+def efficiency_rows(data: dict) -> list[str]:
+    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    rows = []
+    for system, per in data["table"].items():
+        cells = " · ".join(
+            f"{_k(n)} {v['first_token_s']:.2f} s / {v['peak_memory_mb']:.0f} MB" for n, v in sorted(per.items(), key=lambda x: int(x[0]))
+        )
+        rows.append(f"| time to first token / peak memory, {system} ({data['max_new_tokens']} new tokens) | {cells} | {cmd} | {mach} |")
+    for name, per in data.get("ratios", {}).items():
+        if name.endswith("_over_sharedctx_store_ttft"):
+            cells = " · ".join(f"{_k(n)} {v:.1f}x" for n, v in sorted(per.items(), key=lambda x: int(x[0])))
+            rows.append(f"| time to first token, {name.split('_over_')[0]} over sharedctx warm store (same run) | {cells} | {cmd} | {mach} |")
+    return rows
+
+
+def ablation_rows(data: dict) -> list[str]:
+    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    rows = [f"| ablation reference: window-only PPL at {_k(data['length'])} ({data['file']}) | {data['window_only_ppl']:.2f} | {cmd} | {mach} |"] if data.get("window_only_ppl") else []
+    for r in data["rows"]:
+        if "not_run" in r:
+            rows.append(f"| ablation {r['group']}: {r['label']} | not run: {r['not_run']} | {cmd} | {mach} |")
+            continue
+        ppl = f"PPL {r['ppl']:.2f}, " if "ppl" in r else ""
+        rows.append(
+            f"| ablation {r['group']}: {r['label']}; {_adapter(r)} | {ppl}needles {r['needle_accuracy']:.2f} ({r['needle_trials']} trials) | {cmd} | {mach} |"
+        )
+    return rows
 
 
 def core_rows(data: dict) -> list[str]:
@@ -35,14 +109,22 @@ def core_rows(data: dict) -> list[str]:
     ]
 
 
-ROWS = {"core.json": core_rows}
+ROWS = {
+    "core.json": core_rows,
+    "ppl.json": ppl_rows,
+    "finding.json": finding_rows,
+    "efficiency.json": efficiency_rows,
+    "efficiency_gpu.json": efficiency_rows,
+    "ablations.json": ablation_rows,
+}
 
 
-def table() -> str:
+def table(results: Path = RESULTS, suffix: str = "") -> str:
+    """The results table from ``results/*.json`` (``suffix="_quick"`` reads the quick runs)."""
     lines = ["| what | measured | command | machine |", "| --- | --- | --- | --- |"]
     found = False
     for name, fn in ROWS.items():
-        path = RESULTS / name
+        path = Path(results) / name.replace(".json", f"{suffix}.json")
         if path.is_file():
             lines += fn(json.loads(path.read_text()))
             found = True
