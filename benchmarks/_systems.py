@@ -200,7 +200,7 @@ class Streaming:
 
     name = "streaming"
 
-    def __init__(self, llm: Any, *, sinks: int = 4, window: int = 4096, **_: Any) -> None:
+    def __init__(self, llm: Any, *, sinks: int = 4, window: int = 2048, **_: Any) -> None:
         self.llm, self.sinks, self.window = llm, sinks, window
 
     def __call__(self, context: str, question: str, max_new_tokens: int) -> dict[str, Any]:

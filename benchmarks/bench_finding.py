@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--top-k", type=int, default=8, help="chunks for RAG and BM25 (of --chunk-tokens each)")
     ap.add_argument("--chunk-tokens", type=int, default=256, help="RAG/BM25 chunk size in base-model tokens (MiniLM reads 256 word pieces)")
-    ap.add_argument("--text-top-k", type=int, default=4, help="chunks (of C tokens) sharedctx text mode puts in the prompt")
-    ap.add_argument("--stream-window", type=int, default=4096, help="streaming cache: 4 sinks + this many tokens in all")
+    ap.add_argument("--text-top-k", type=int, default=2, help="chunks (of C tokens) sharedctx text mode puts in the prompt")
+    ap.add_argument("--stream-window", type=int, default=2048, help="streaming cache: 4 sinks + this many tokens in all")
     ap.add_argument("--filler", default=str(SHARED_DATA / "books" / "northanger_abbey.txt"), help="haystack prose for the RULER tasks")
     args = ap.parse_args(argv)
     if args.quick:
