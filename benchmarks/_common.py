@@ -167,3 +167,12 @@ def plt():
     except ImportError:  # pragma: no cover
         return None
     return pyplot
+
+
+def finish(name: str, result: dict, args, plot) -> dict:
+    """Write ``result`` as JSON, draw ``plot(written_result, png_path)`` next to it, and return what was written."""
+    path = write_json(output_name(name, args), result, args.out)
+    written = json.loads(path.read_text())
+    plot(written, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    return written

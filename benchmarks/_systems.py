@@ -224,7 +224,7 @@ class MiniLM:
 
     _cache: dict[str, Any] = {}
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         import importlib.util
 
         from sharedctx.models import sharedctx_home
@@ -242,17 +242,18 @@ class MiniLM:
 
             self._cache["tok"] = AutoTokenizer.from_pretrained(str(target))
             self._cache["model"] = AutoModel.from_pretrained(str(target)).eval()
-        self.tok, self.model = self._cache["tok"], self._cache["model"]
+        self.tok, self.model = self._cache["tok"], self._cache["model"].to(device)
+        self.device = torch.device(device)
 
     @torch.no_grad()
     def __call__(self, texts: list[str], batch: int = 32) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), batch):
-            enc = self.tok(texts[i : i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            enc = self.tok(texts[i : i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt").to(self.device)
             h = self.model(**enc).last_hidden_state  # (B, T, 384)
             m = enc["attention_mask"][..., None].to(h.dtype)
             out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-        return torch.cat(out)
+        return torch.cat(out).float().cpu()
 
 
 class _ChunkRetrieval:
@@ -278,7 +279,7 @@ class RagMiniLM(_ChunkRetrieval):
 
     def __init__(self, llm: Any, **kw: Any) -> None:
         super().__init__(llm, **kw)
-        self.embed = MiniLM()
+        self.embed = MiniLM(llm.device)
 
     def rank(self, chunks: list[str], question: str) -> list[int]:
         scores = self.embed(chunks) @ self.embed([question])[0]

@@ -15,14 +15,13 @@ Writes benchmarks/results/ablations.json and ablations.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 import torch
 
-from _common import SHARED_DATA, add_model_args, load_llm, model_info, output_name, plt, write_json
+from _common import SHARED_DATA, add_model_args, finish, load_llm, model_info, plt
 from _systems import SharedLatent, SharedStore
 from _tasks import filler_tokens, make_task, score
 
@@ -109,10 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         "length": length, "file": args.file, "window": args.window, "windows": args.windows, "tasks": args.tasks, "trials": args.trials,
         "window_only_ppl": reference, "seconds": round(time.perf_counter() - start, 1), "rows": rows,
     }
-    path = write_json(output_name("ablations", args), result, args.out)
-    _plot(json.loads(path.read_text()), path.with_suffix(".png"))
-    print(f"wrote {path}")
-    return result
+    return finish("ablations", result, args, _plot)
 
 
 def _plot(result: dict, path) -> None:

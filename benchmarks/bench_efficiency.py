@@ -15,14 +15,13 @@ Writes benchmarks/results/efficiency.json (efficiency_<gpu>.json on CUDA) and a 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 import torch
 
-from _common import PeakMemory, add_model_args, load_llm, model_info, output_name, plt, write_json
+from _common import PeakMemory, add_model_args, finish, load_llm, model_info, plt
 from _systems import NotRun, make_system
 from _tasks import make_task, score
 
@@ -89,11 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         result["table"][r["system"]][str(r["length"])] = {k: r.get(k) for k in ("first_token_s", "total_s", "tokens_per_s", "peak_memory_mb", "build_s")}
     result["ratios"] = _ratios(result["table"])
-    name = output_name("efficiency" if llm.device.type == "cpu" else "efficiency_gpu", args)
-    path = write_json(name, result, args.out)
-    _plot(json.loads(path.read_text()), path.with_suffix(".png"))
-    print(f"wrote {path}")
-    return result
+    return finish("efficiency" if llm.device.type == "cpu" else "efficiency_gpu", result, args, _plot)
 
 
 def _ratios(table: dict) -> dict:

@@ -15,14 +15,13 @@ Writes benchmarks/results/ppl.json and ppl.png (perplexity against N, one panel 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 import torch
 
-from _common import SHARED_DATA, add_model_args, load_llm, model_info, output_name, plt, write_json
+from _common import SHARED_DATA, add_model_args, finish, load_llm, model_info, plt
 
 #: held-out file -> unrelated text of the same kind (the control)
 CONTROLS = {
@@ -85,10 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "results": results,
     }
-    path = write_json(output_name("ppl", args), result, args.out)
-    _plot(json.loads(path.read_text()), path.with_suffix(".png"))
-    print(f"wrote {path}")
-    return result
+    return finish("ppl", result, args, _plot)
 
 
 def _plot(result: dict, path) -> None:
