@@ -42,11 +42,23 @@ def machine() -> dict:
     return info
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` when tracked files differ from it), or None outside git."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty else "")) or None
+
+
 def write_json(name: str, payload: dict, out: str | Path | None = None) -> Path:
     """Write ``payload`` with the command, machine and date to ``out/name.json`` (``benchmarks/results`` by default)."""
     folder = Path(out) if out else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}
+    payload = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(), "date": time.strftime("%Y-%m-%d"), "git": git_commit(), **payload}
     path = folder / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
