@@ -2,8 +2,10 @@
 
     python benchmarks/bench_efficiency.py --lengths 4096 8192 16384 32768     # default model, this machine (CPU or GPU)
     python benchmarks/bench_efficiency.py --quick                              # 1K and 2K tokens, a minute
+    python benchmarks/bench_efficiency.py --device cuda --dtype bfloat16 --lengths 8192 16384 32768 65536 131072 --full-max 131072
+                                                                               # the H200 (writes efficiency_gpu.json)
 
-One passkey question per length, the same for every system, greedy, --max-new-tokens tokens. Systems: full attention
+One RULER single-needle question in book prose per length, the same for every system, greedy, --max-new-tokens tokens. Systems: full attention
 (up to --full-max tokens; past the model's trained window it is timed as a cost baseline only), streaming (4 sinks +
 a recent window), chunk-and-embed RAG (MiniLM, top-k chunks), sharedctx cold (encode on the fly, every chunk injected)
 and sharedctx with a warm store (a ContextIndex built once, reopened from disk, queried with every chunk injected;
@@ -21,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from _common import PeakMemory, add_model_args, finish, load_llm, model_info, plt
+from _common import SHARED_DATA, PeakMemory, add_model_args, finish, load_llm, model_info, plt
 from _systems import NotRun, make_system
-from _tasks import make_task, score
+from _tasks import filler_tokens, make_task, score
 
 DEFAULT_SYSTEMS = ("full", "streaming", "rag_minilm", "sharedctx_latent", "sharedctx_store")
 
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--full-max", type=int, default=16384, help="longest context full attention is run at (its cost grows as length^2)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="e.g. bfloat16 on the GPU")
+    ap.add_argument("--filler", default=str(SHARED_DATA / "books" / "northanger_abbey.txt"), help="haystack prose")
     args = ap.parse_args(argv)
     args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768])
     torch.set_num_threads(args.threads)
@@ -53,9 +56,11 @@ def main(argv: list[str] | None = None) -> dict:
             systems[name] = make_system(name, llm, allow_past_window=True, **opts)
         except NotRun as exc:
             not_run[name] = str(exc)
+    with open(args.filler, encoding="utf-8") as fh:  # book prose: repeated filler would let the store deduplicate chunks
+        filler = filler_tokens(llm.tokenizer, fh.read())
     rows, skipped = [], {}
     for length in args.lengths:
-        task = make_task("passkey", llm.tokenizer, np.random.default_rng(args.seed + length), length=length, depth=0.5, filler=None)
+        task = make_task("niah_single", llm.tokenizer, np.random.default_rng(args.seed + length), length=length, depth=0.5, filler=filler)
         for name, system in systems.items():
             if name == "full" and length > args.full_max:
                 skipped.setdefault(name, {})[str(length)] = f"longer than --full-max {args.full_max}"
