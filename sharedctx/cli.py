@@ -119,6 +119,11 @@ def _cmd_train(args) -> int:
         overrides["progress"] = False
     cfg = load_recipe(args.config, **overrides)
     trainer = Trainer(cfg)
+    if args.export:
+        if not trainer.resume():
+            raise ValueError(f"{cfg.out_dir} holds no checkpoint to export")
+        print(json.dumps({"steps": trainer.step, "adapter": str(trainer.save_adapter(args.export))}, indent=2))
+        return 0
     if not args.no_resume:
         trainer.resume()
     summary = trainer.fit()
@@ -309,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-time-s", type=float, default=None, help="stop (and save) after this much wall time")
     train.add_argument("--no-resume", action="store_true", help="start over even if out_dir has a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--export", default=None, metavar="DIR", help="write the adapter of the latest checkpoint to DIR and stop (no training)")
     train.set_defaults(func=_cmd_train)
 
     from .evaluate import add_eval_parser

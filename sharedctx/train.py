@@ -28,7 +28,7 @@ import torch
 from .config import SharedCtxConfig
 from .data import IGNORE, TASKS, Example, TokenShards, build_shards, instruction_example, lm_example
 
-__all__ = ["TrainConfig", "Trainer", "load_recipe", "collate", "lr_factor"]
+__all__ = ["TrainConfig", "Trainer", "load_recipe", "collate", "lr_factor", "summarize_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +176,27 @@ def collate(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
         n = r.input_ids.numel()
         ids[i, :n], labels[i, :n], mask[i, :n] = r.input_ids, r.labels, 1
     return ids, labels, mask, [r.context for r in rows]
+
+
+def summarize_log(path: str | os.PathLike, *, window: int = 50) -> dict[str, Any]:
+    """Steps, tokens, wall time and the mean loss of the first and last ``window`` logged steps of a JSONL log."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return {"steps": 0}
+    first, last = rows[:window], rows[-window:]
+    by_task: dict[str, list[float]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r["loss"])
+    return {
+        "steps": rows[-1]["step"],
+        "tokens": rows[-1]["tokens"],
+        "train_s": rows[-1]["elapsed_s"],
+        "mean_step_s": round(float(np.mean([r["step_s"] for r in rows])), 3),
+        f"loss_first_{len(first)}": round(float(np.mean([r["loss"] for r in first])), 4),
+        f"loss_last_{len(last)}": round(float(np.mean([r["loss"] for r in last])), 4),
+        "loss_by_task_mean": {k: round(float(np.mean(v)), 4) for k, v in by_task.items()},
+        "final_gates": rows[-1].get("gates"),
+    }
 
 
 class Trainer:
@@ -397,6 +418,8 @@ class Trainer:
                     break
         self.save_checkpoint()
         adapter = self.save_adapter()
+        summary = {**summarize_log(self.out / LOG), "threads": torch.get_num_threads(), "device": str(self.device)}
+        (adapter / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return {
             "steps": self.step,
             "steps_this_run": self.step - start_step,

@@ -38,12 +38,12 @@ def _config(tmp_path, **kw):
 
 def test_steps_reduce_loss_and_touch_only_the_adapter(tmp_path, shards):
     llm = make_llm(**SMALL)
-    trainer = Trainer(_config(tmp_path, steps=30, warmup=0, min_lr_ratio=1.0), llm=llm, shards=shards)
+    trainer = Trainer(_config(tmp_path, steps=12, warmup=0, min_lr_ratio=1.0, lr=3e-2, gate_lr=1e-1), llm=llm, shards=shards)
     base_before = {n: p.detach().clone() for n, p in llm.base.named_parameters() if "cross" not in n}
     inj_before = {n: p.detach().clone() for n, p in llm.injection.named_parameters()}
     rows = [trainer.sample_example("lm")]
     losses = []
-    for _ in range(30):
+    for _ in range(12):
         loss, n = trainer.micro_step(rows)
         trainer.opt.step()
         trainer.opt.zero_grad()
@@ -57,7 +57,7 @@ def test_steps_reduce_loss_and_touch_only_the_adapter(tmp_path, shards):
 
 
 def test_mixed_tasks_and_batches(tmp_path, shards):
-    trainer = Trainer(_config(tmp_path, tasks={"lm": 1, "passkey": 1, "kv": 1}, batch_size=2, grad_accum=2, task_chunks=[1, 2], steps=3), llm=make_llm(**SMALL), shards=shards)
+    trainer = Trainer(_config(tmp_path, tasks={"lm": 1, "passkey": 1, "kv": 1}, batch_size=2, grad_accum=2, task_chunks=[1, 1], steps=3), llm=make_llm(**SMALL), shards=shards)
     summary = trainer.fit()
     assert summary["steps"] == 3
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
@@ -149,3 +149,32 @@ def test_cli_train_writes_an_adapter(tmp_path):
     # resuming a finished run does no more steps
     assert main(["train", "--config", str(tmp_path / "r.json"), "--no-progress"]) == 0
     assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 2
+    assert main(["train", "--config", str(tmp_path / "r.json"), "--export", str(tmp_path / "exported")]) == 0
+    assert json.loads((tmp_path / "exported" / "sharedctx_adapter.json").read_text())["trained"] is True
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "sharedctx" / "adapters" / "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not (SHIPPED / "sharedctx_adapter.json").is_file(), reason="no adapter shipped")
+def test_shipped_adapter_files_are_complete():
+    files = {p.name: p for p in SHIPPED.iterdir()}
+    assert {"adapter.safetensors", "sharedctx_adapter.json", "training_config.json", "training_summary.json", "README.md"} <= set(files)
+    assert sum(p.stat().st_size for p in files.values()) < 20 * 2**20
+    meta = json.loads(files["sharedctx_adapter.json"].read_text())
+    train_cfg = json.loads(files["training_config.json"].read_text())
+    assert meta["trained"] is True and meta["config"]["chunk_size"] == train_cfg["sharedctx"]["chunk_size"]
+    assert any(name.startswith("eval_") and name.endswith(".json") for name in files)
+    from safetensors.torch import load_file
+
+    gates = [float(v) for k, v in load_file(str(files["adapter.safetensors"])).items() if k.endswith("gate")]
+    assert len(gates) == meta["config"]["injection_layers"] and any(g != 0.0 for g in gates)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / "sharedctx_adapter.json").is_file(), reason="no adapter shipped")
+def test_default_model_loads_the_shipped_adapter():
+    from sharedctx import SharedLLM
+
+    llm = SharedLLM.from_pretrained()
+    assert llm.adapter_trained and llm.adapter_path == str(SHIPPED)
