@@ -6,13 +6,18 @@ __version__ = "0.1.0"
 
 from .config import SharedCtxConfig  # noqa: E402
 from .errors import AdapterMismatchError, ContextMismatchError, InputError, PromptTooLongError, SharedCtxError  # noqa: E402
+from .index import Answer, Citation, ContextIndex  # noqa: E402
 from .injection import Injection  # noqa: E402
 from .model import Completion, SharedLLM  # noqa: E402
+from .store import TreeStore  # noqa: E402
 from .tree import ContextTree  # noqa: E402
 
 __all__ = [
     "AdapterMismatchError",
+    "Answer",
+    "Citation",
     "Completion",
+    "ContextIndex",
     "ContextMismatchError",
     "ContextTree",
     "Injection",
@@ -21,5 +26,6 @@ __all__ = [
     "SharedCtxConfig",
     "SharedCtxError",
     "SharedLLM",
+    "TreeStore",
     "__version__",
 ]

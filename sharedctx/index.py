@@ -20,24 +20,35 @@ Both are diskcache directories, so several processes may build into one index at
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from .chunking import chunk_text
-from .errors import InputError, SharedCtxError
+from .documents import (
+    AddResult,
+    Answer,
+    BuildReport,
+    Citation,
+    DocumentInfo,
+    DocumentNotFoundError,
+    DocumentTable,
+    _Doc,
+    _iter_files,
+    _looks_like_path,
+    read_document,
+)
+from .errors import InputError
 from .model import SharedLLM
 from .ops.scoring import cosine_scores
 from .policy import make_chooser, rank_chunks, walk_trees
-from .store import DEFAULT_SIZE_LIMIT, BlobCache, StoreError, StoreMismatchError, TreeStore
+from .store import DEFAULT_SIZE_LIMIT, StoreError, TreeStore
 from .tree import NodeStates, canonical_children
 
 __all__ = [
@@ -57,233 +68,6 @@ logger = logging.getLogger(__name__)
 MODES = ("latent", "text", "hybrid")
 _FORMAT = "sharedctx-index-1"
 _TEXT_PROMPT = "Answer the question using the context passages.\n\n{passages}\n\nQuestion: {question}"
-
-
-class DocumentNotFoundError(SharedCtxError, KeyError):
-    """No document of that id is in the index."""
-
-    def __str__(self) -> str:  # KeyError quotes its message
-        return str(self.args[0]) if self.args else ""
-
-
-# ---------------------------------------------------------------------- results
-@dataclass
-class Citation:
-    """A preserved node whose states were selected: where it comes from, what it says, how well it matched."""
-
-    doc_id: str
-    chunk: int  # chunk index within the document
-    level: int  # 0 = the whole chunk, 1..h = nodes of its tree
-    index: int
-    char_start: int
-    char_end: int
-    token_start: int  # token span within the document
-    token_end: int
-    score: float  # cosine of the node key with the query key
-    chunk_score: float  # cosine of the chunk root key with the query key
-    n_states: int
-    text: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Answer:
-    """An answer with the citations it read, statistics and timings."""
-
-    text: str
-    citations: list[Citation]
-    stats: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class AddResult:
-    doc_id: str
-    tokens: int
-    chunks: int
-    chunks_encoded: int
-    chunks_reused: int
-    unchanged: bool = False  # the same document was already indexed: nothing written
-    replaced: bool = False  # a document of this id was replaced
-
-
-@dataclass
-class BuildReport:
-    added: list[AddResult] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-    @property
-    def documents(self) -> int:
-        return len(self.added)
-
-    @property
-    def chunks(self) -> int:
-        return sum(r.chunks for r in self.added)
-
-    @property
-    def chunks_encoded(self) -> int:
-        return sum(r.chunks_encoded for r in self.added)
-
-    @property
-    def chunks_reused(self) -> int:
-        return sum(r.chunks_reused for r in self.added)
-
-    @property
-    def tokens(self) -> int:
-        return sum(r.tokens for r in self.added)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "chunks": self.chunks,
-            "chunks_encoded": self.chunks_encoded,
-            "chunks_reused": self.chunks_reused,
-            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
-            "added": [asdict(r) for r in self.added],
-        }
-
-
-@dataclass
-class DocumentInfo:
-    doc_id: str
-    tokens: int
-    chunks: int
-    chars: int
-    source: str | None
-    metadata: dict[str, Any]
-
-
-# ---------------------------------------------------------------------- documents
-@dataclass
-class _Doc:
-    doc_id: str
-    seq: int
-    text: str
-    ids: torch.Tensor  # (N,) int64
-    offsets: torch.Tensor  # (N, 2) int64 character spans
-    bounds: torch.Tensor  # (n_chunks + 1,) token boundaries of the chunks
-    root_keys: torch.Tensor  # (n_chunks, hidden) float32
-    chunk_keys: list[str]
-    metadata: dict[str, Any]
-    source: str | None
-
-    @property
-    def n_chunks(self) -> int:
-        return len(self.chunk_keys)
-
-    def chunk_ids(self, c: int) -> torch.Tensor:
-        return self.ids[int(self.bounds[c]) : int(self.bounds[c + 1])]
-
-    def info(self) -> DocumentInfo:
-        return DocumentInfo(self.doc_id, int(self.ids.numel()), self.n_chunks, len(self.text), self.source, dict(self.metadata))
-
-
-class DocumentTable:
-    """The documents of an index on disk (``DIR/docs``): usable without a model (listing, removing)."""
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory)
-        self._blobs = BlobCache(self.directory / "docs", size_limit=None)
-
-    # manifest: which model and options built this index
-    def manifest(self) -> dict[str, Any] | None:
-        raw = self._blobs.get_raw("manifest")
-        return None if raw is None else json.loads(raw)
-
-    def bind(self, manifest: dict[str, Any]) -> None:
-        mine = json.dumps(manifest, sort_keys=True).encode()
-        held = json.loads(self._blobs.add_raw("manifest", mine))
-        keys = ("fingerprint", "signature")
-        if {k: held.get(k) for k in keys} != {k: manifest.get(k) for k in keys}:
-            raise StoreMismatchError(
-                f"the index in {self.directory} was built by base model {held.get('fingerprint')} "
-                f"({held.get('base', '?')}) with lower-side options {held.get('signature')}; this model is "
-                f"{manifest['fingerprint']} ({manifest.get('base', '?')}) with {manifest['signature']}. Open it with the "
-                "model and options it was built with, or build a new index in another directory"
-            )
-
-    def ids(self) -> list[str]:
-        return [k[4:] for k in self._blobs.keys("doc/")]
-
-    def get(self, doc_id: str, model: Any = None) -> _Doc | None:
-        got = self._blobs.get("doc/" + doc_id)
-        if got is None:
-            return None
-        t, meta = got
-        header = json.loads(meta["header"])
-        ids = t["ids"].long()
-        bounds = t["bounds"].long()
-        keys = header["chunk_keys"]
-        return _Doc(
-            doc_id=header["doc_id"],
-            seq=int(header["seq"]),
-            text=bytes(t["text"].numpy().tobytes()).decode("utf-8"),
-            ids=ids,
-            offsets=t["offsets"].long(),
-            bounds=bounds,
-            root_keys=t["root_keys"].float(),
-            chunk_keys=keys,
-            metadata=header.get("metadata", {}),
-            source=header.get("source"),
-        )
-
-    def put(self, doc: _Doc) -> None:
-        text = torch.frombuffer(bytearray(doc.text.encode("utf-8")), dtype=torch.uint8)
-        tensors = {
-            "ids": doc.ids.to(torch.int32),
-            "offsets": doc.offsets.to(torch.int64),
-            "bounds": doc.bounds.to(torch.int64),
-            "root_keys": doc.root_keys.to(torch.float32),
-            "text": text,
-        }
-        header = {
-            "doc_id": doc.doc_id,
-            "seq": doc.seq,
-            "chunk_keys": doc.chunk_keys,
-            "metadata": doc.metadata,
-            "source": doc.source,
-        }
-        self._blobs.set("doc/" + doc.doc_id, tensors, {"header": json.dumps(header)})
-
-    def delete(self, doc_id: str) -> bool:
-        return self._blobs.delete("doc/" + doc_id)
-
-    def close(self) -> None:
-        self._blobs.close()
-
-
-def read_document(path: str | os.PathLike) -> str:
-    """Read a UTF-8 text file; binary, non-UTF-8 and empty files raise `InputError` with the reason."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a directory: use add_many() (or `sharedctx index add DIR`) to add the files in it")
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise InputError(f"{path}: looks like a binary file (it contains NUL bytes); give a text file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid UTF-8 (byte {exc.start}); convert it, e.g. `iconv -t utf-8`") from exc
-    if not text.strip():
-        raise InputError(f"{path}: holds no text")
-    return text
-
-
-def _iter_files(path: Path) -> Iterator[Path]:
-    if path.is_dir():
-        for root, dirs, files in os.walk(path, followlinks=False):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if not name.startswith("."):
-                    yield Path(root) / name
-    else:
-        yield path
 
 
 # ---------------------------------------------------------------------- the index
@@ -788,6 +572,8 @@ class ContextIndex:
         yield from self.llm.stream(prompt, injection=injection, max_new_tokens=max_new_tokens, stats=inner, **generation)
         end = time.perf_counter()
         timings = dict(inner.pop("timings", {}))
+        # the model's clock starts after retrieval: time to first token counts from the question
+        timings["first_token_s"] = (t_ret - t0) + timings.get("first_token_s", 0.0)
         timings.update({"retrieve_s": t_ret - t0, "total_s": end - t0})
         stats.update(
             {
@@ -861,8 +647,3 @@ def _walk_margin(rank, span, nodes, qkey, height, margin):
                 nxt.append((lid, left))
         frontier = nxt
     return sorted(preserved, key=lambda item: item[1][0])
-
-
-def _looks_like_path(item: str) -> bool:
-    """A string names a path when it is short, on one line and exists."""
-    return len(item) < 4096 and "\n" not in item and "\0" not in item and os.path.exists(item)
