@@ -82,6 +82,7 @@ def add_model_args(ap, *, lengths: list[int]) -> None:  # noqa: D401
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="folder for JSON and PNG (default benchmarks/results)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and one trial: a smoke run of a few minutes")
+    ap.add_argument("--name", default=None, help="output name instead of the benchmark's (e.g. finding_16k); report.py reads <benchmark>*.json")
 
 
 def load_llm(args, **config_changes):
@@ -119,6 +120,7 @@ def model_info(llm) -> dict:
 
 
 def output_name(base: str, args) -> str:
+    base = getattr(args, "name", None) or base
     return f"{base}_quick" if args.quick else base
 
 

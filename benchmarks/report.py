@@ -109,23 +109,40 @@ def core_rows(data: dict) -> list[str]:
     ]
 
 
+def index_rows(data: dict) -> list[str]:
+    """benchmarks/bench_index.py (the index branch's benchmark): build, cold and warm query of a ContextIndex."""
+    rows = []
+    for r in data["results"]:
+        cmd = f"`python benchmarks/{r.get('command', data['command'])}`"
+        mach = _machine({**data["machine"], "load_average_1m": r.get("load_average_1m", data["machine"].get("load_average_1m"))})
+        full = f"; full-attention prefill {r['full_attention_prefill_s']:.1f} s" if r.get("full_attention_prefill_s") else ""
+        rows.append(
+            f"| ContextIndex over {_k(r['tokens'])} tokens ({r['chunks']} chunks): build, cold / warm time to first token | "
+            f"{r['build_s']:.1f} s; {r['cold_first_token_s']:.2f} s / {r['warm_first_token_s']:.2f} s "
+            f"({r['warm_injected_states']} states from {r['warm_chunks_selected']} chunks){full} | {cmd} | {mach} |"
+        )
+    return rows
+
+
+#: file-name prefix -> row builder; ``<prefix>*.json`` (e.g. finding_16k.json written with --name) all count
 ROWS = {
-    "core.json": core_rows,
-    "ppl.json": ppl_rows,
-    "finding.json": finding_rows,
-    "efficiency.json": efficiency_rows,
-    "efficiency_gpu.json": efficiency_rows,
-    "ablations.json": ablation_rows,
+    "core": core_rows,
+    "ppl": ppl_rows,
+    "finding": finding_rows,
+    "efficiency": efficiency_rows,
+    "ablations": ablation_rows,
+    "index": index_rows,
 }
 
 
 def table(results: Path = RESULTS, suffix: str = "") -> str:
-    """The results table from ``results/*.json`` (``suffix="_quick"`` reads the quick runs)."""
+    """The results table from ``results/*.json`` (``suffix="_quick"`` reads the quick runs instead)."""
     lines = ["| what | measured | command | machine |", "| --- | --- | --- | --- |"]
     found = False
-    for name, fn in ROWS.items():
-        path = Path(results) / name.replace(".json", f"{suffix}.json")
-        if path.is_file():
+    for prefix, fn in ROWS.items():
+        for path in sorted(Path(results).glob(f"{prefix}*.json")):
+            if path.stem.endswith("_quick") != (suffix == "_quick"):
+                continue
             lines += fn(json.loads(path.read_text()))
             found = True
     if not found:
