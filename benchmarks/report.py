@@ -50,17 +50,22 @@ def finding_rows(data: dict) -> list[str]:
     per = data["accuracy_by_system_length"]
     n_trials = len(data["tasks"]) * data["trials_per_task"]
     rows = []
+    ran: dict[tuple[str, str], int] = {}
+    for t in data["trials"]:
+        ran[(t["system"], str(t["length"]))] = ran.get((t["system"], str(t["length"])), 0) + 1
     for system in data["systems"]:
-        if system not in per:
-            continue
-        cells = " · ".join(f"{_k(n)} {v:.2f}" for n, v in sorted(per[system].items(), key=lambda x: int(x[0])))
-        skipped = data.get("skipped", {}).get(system)
-        if skipped:
-            cells += " · " + ", ".join(f"{_k(n)} not run" for n in skipped)
+        done = {str(n): per.get(system, {}).get(str(n)) for n in data.get("lengths_done", data["lengths"])}
+        cells = " · ".join(
+            f"{_k(n)} " + ("not run" if v is None else f"{v:.2f}" + (f" ({ran[(system, n)]} of {n_trials} trials ran)" if ran[(system, n)] < n_trials else ""))
+            for n, v in done.items()
+        )
+        if system in data.get("skipped", {}):
+            cells += "; " + "; ".join(sorted(set(data["skipped"][system].values())))
         note = f"; {_adapter(data)}" if system.startswith("sharedctx_latent") else ""
         rows.append(f"| finding things, {system}: mean score over {n_trials} trials a length ({', '.join(data['tasks'])}){note} | {cells} | {cmd} | {mach} |")
     for system, reason in data.get("not_run", {}).items():
-        rows.append(f"| finding things, {system} | not run: {reason} | {cmd} | {mach} |")
+        short = reason if len(reason) <= 160 else reason[:160] + "…"
+        rows.append(f"| finding things, {system} | not run: {short} | {cmd} | {mach} |")
     return rows
 
 
