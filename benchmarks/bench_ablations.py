@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         del llm
     result = {
         "load_average_at_start": round(load_at_start, 2),
-        "length": length, "file": args.file, "window": args.window, "windows": args.windows, "tasks": args.tasks, "trials": args.trials,
+        "length": length, "file": args.file, "window": min(args.window, length // 2), "score_last": min(256, min(args.window, length // 2) // 2), "windows": args.windows, "tasks": args.tasks, "trials": args.trials,
         "window_only_ppl": reference, "seconds": round(time.perf_counter() - start, 1), "rows": rows,
     }
     return finish("ablations", result, args, _plot)
