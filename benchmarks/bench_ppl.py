@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
         ctrl = ids(control) if control and "control" in args.modes else None
         for n in args.lengths:
             modes = [m for m in args.modes if not (m == "full" and n > args.full_max) and not (m == "control" and ctrl is None)]
-            limit = min(len(tokens), len(ctrl) if ctrl is not None else len(tokens) + n)
-            if limit < n:
-                skipped.append({"file": name, "length": n, "reason": f"the text (or its control) has fewer than {n} tokens"})
+            n_ctx = n - min(args.window, n)
+            if len(tokens) < n or (ctrl is not None and len(ctrl) < n_ctx):
+                why = f"{name} has {len(tokens)} tokens" if len(tokens) < n else f"its control {control} has {len(ctrl)} < {n_ctx} context tokens"
+                skipped.append({"file": name, "length": n, "reason": why})
                 continue
             r = eval_ppl(llm, tokens, total_length=n, window=min(args.window, n), score_last=args.score_last, n_windows=args.windows,
                          modes=modes, control_tokens=ctrl, sinks=4)
