@@ -114,9 +114,27 @@ def model_info(llm) -> dict:
         "model": getattr(cfg, "_name_or_path", "") or "SmolLM2-135M-Instruct",
         "fingerprint": llm.fingerprint,
         "max_positions": llm.max_positions,
-        "adapter": {"path": llm.adapter_path, "trained": llm.adapter_trained},
+        "adapter": {"path": llm.adapter_path, "trained": llm.adapter_trained, **_adapter_training(llm.adapter_path)},
         "config": llm.config.to_dict(),
     }
+
+
+def _adapter_training(path: str | None) -> dict:
+    """What the adapter's training wrote beside it (steps, note), so a result says which adapter it measured."""
+    if not path:
+        return {}
+    for name in ("training_summary.json", "training_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except ValueError:
+                continue
+            info = {k: data[k] for k in ("steps", "step", "note", "tasks", "window", "context_chunks") if k in data}
+            if name == "training_config.json" and "steps" in info:  # the recipe's plan; a time limit may stop it earlier
+                info["planned_steps"] = info.pop("steps")
+            return {"training": info, "training_source": name}
+    return {}
 
 
 def output_name(base: str, args) -> str:

@@ -24,7 +24,9 @@ def _adapter(data: dict) -> str:
     a = data.get("adapter") or {}
     if not a.get("path"):
         return "identity adapter (untrained: the context is not read)"
-    return f"adapter {a['path'].split('/sharedctx/')[-1]}" + ("" if a.get("trained") else " (untrained)")
+    path = Path(a["path"])
+    where = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else f"{path.name} (not shipped: {path})"
+    return f"adapter {where}" + ("" if a.get("trained") else " (untrained)")
 
 
 def _k(n) -> str:
@@ -39,7 +41,7 @@ def ppl_rows(data: dict) -> list[str]:
         cells = ", ".join(f"{m} {v['ppl']:.2f}" for m, v in r["modes"].items())
         flag = " (full attention past the trained window)" if r.get("full_past_trained_window") else ""
         rows.append(
-            f"| PPL of the last {r['score_last']} tokens, {r['file']}, {_k(r['total_length'])} tokens, {r['n_windows']} windows; "
+            f"| PPL of the last {r['score_last']} tokens, {r['file']}, {_k(r['total_length'])} tokens, {r['n_windows']} window{'s' if r['n_windows'] != 1 else ''}; "
             f"{_adapter(data)} | {cells}{flag} | {cmd} | {mach} |"
         )
     return rows
