@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`: use this checkout's sharedctx
+    sys.path.insert(0, str(ROOT))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -39,10 +42,24 @@ def machine() -> dict:
     return info
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}
-    path = RESULTS / f"{name}.json"
+def git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` when tracked files differ from it), or None outside git."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty else "")) or None
+
+
+def write_json(name: str, payload: dict, out: str | Path | None = None) -> Path:
+    """Write ``payload`` with the command, machine and date to ``out/name.json`` (``benchmarks/results`` by default)."""
+    folder = Path(out) if out else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(), "date": time.strftime("%Y-%m-%d"), "git": git_commit(), **payload}
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
@@ -52,3 +69,142 @@ def corpus_text(path: str | None, default: str) -> str:
     if not p.is_file():
         raise SystemExit(f"{p} not found: pass --file PATH to a long text file")
     return p.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------- shared by the issue-6 benchmarks
+def add_model_args(ap, *, lengths: list[int]) -> None:  # noqa: D401
+    """Options every benchmark takes: model, adapter, sizes, threads, output folder, --quick."""
+    ap.add_argument("--model", default=None, help="base model folder or id (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--adapter", default=None, help="adapter folder; 'none' for the identity adapter (default: the shipped one, if any)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, metavar="N", help=f"context lengths in tokens (default {lengths}; smaller with --quick)")
+    ap.add_argument("--chunk-size", type=int, default=None, help="override the chunk size C (tiny models in tests)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="folder for JSON and PNG (default benchmarks/results)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and one trial: a smoke run of a few minutes")
+    ap.add_argument("--name", default=None, help="output name instead of the benchmark's (e.g. finding_16k); report.py reads <benchmark>*.json")
+
+
+def load_llm(args, **config_changes):
+    """The SharedLLM a benchmark measures, from ``--model``, ``--adapter`` and ``--chunk-size``, with ``config_changes``.
+
+    A change of ``injection_layers`` (M) away from the adapter's needs another adapter: the identity one is used
+    and `model_info` records ``adapter.path = None``."""
+    import json as _json
+
+    from sharedctx import SharedCtxConfig, SharedLLM
+    from sharedctx.model import ADAPTER_CONFIG, default_adapter_path
+
+    name = (args.adapter or "").lower()
+    adapter_dir = None if name == "none" else (Path(args.adapter) if args.adapter else (default_adapter_path() if args.model is None else None))
+    config = SharedCtxConfig.from_dict(_json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["config"]) if adapter_dir else SharedCtxConfig()
+    changes = dict(config_changes)
+    if args.chunk_size:
+        changes["chunk_size"] = args.chunk_size
+    if changes.get("injection_layers", config.injection_layers) != config.injection_layers:
+        adapter_dir = None
+    config = config.replace(**changes)
+    return SharedLLM.from_pretrained(args.model, adapter=adapter_dir if adapter_dir else False, config=config)
+
+
+def model_info(llm) -> dict:
+    """What was measured: base model, adapter (and whether it is trained), configuration."""
+    cfg = llm.base.config
+    return {
+        "model": getattr(cfg, "_name_or_path", "") or "SmolLM2-135M-Instruct",
+        "fingerprint": llm.fingerprint,
+        "max_positions": llm.max_positions,
+        "adapter": {"path": llm.adapter_path, "trained": llm.adapter_trained, **_adapter_training(llm.adapter_path)},
+        "config": llm.config.to_dict(),
+    }
+
+
+def _adapter_training(path: str | None) -> dict:
+    """What the adapter's training wrote beside it (steps, note), so a result says which adapter it measured."""
+    if not path:
+        return {}
+    for name in ("training_summary.json", "training_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except ValueError:
+                continue
+            info = {k: data[k] for k in ("steps", "step", "note", "tasks", "window", "context_chunks") if k in data}
+            if name == "training_config.json" and "steps" in info:  # the recipe's plan; a time limit may stop it earlier
+                info["planned_steps"] = info.pop("steps")
+            return {"training": info, "training_source": name}
+    return {}
+
+
+def output_name(base: str, args) -> str:
+    base = getattr(args, "name", None) or base
+    return f"{base}_quick" if args.quick else base
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on GPU, else resident set size sampled every 5 ms (minus the start,
+    after glibc ``malloc_trim``), which misses allocations shorter than the sampling interval."""
+
+    def __init__(self, device) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        import threading
+
+        import psutil
+
+        try:  # hand memory freed by earlier calls back to the OS, so that reusing it shows in the RSS again
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            pass
+        proc = psutil.Process()
+        self.start = proc.memory_info().rss
+        self._peak = self.start
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                self._peak = max(self._peak, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = (self._peak - self.start) / 2**20
+
+
+def plt():
+    """matplotlib.pyplot with a file backend, or None when matplotlib is missing (the JSON is still written)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as pyplot
+    except ImportError:  # pragma: no cover
+        return None
+    return pyplot
+
+
+def finish(name: str, result: dict, args, plot) -> dict:
+    """Write ``result`` as JSON, draw ``plot(written_result, png_path)`` next to it, and return what was written."""
+    path = write_json(output_name(name, args), result, args.out)
+    written = json.loads(path.read_text())
+    plot(written, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    return written

@@ -16,7 +16,88 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 def _machine(m: dict) -> str:
     where = m.get("cuda") or f"{m.get('cpu_count')}-core CPU ({m.get('processor')}), {m.get('torch_threads')} threads"
-    return f"{where}, torch {m.get('torch')}"
+    load = f", load {m['load_average_1m']}" if m.get("load_average_1m") is not None else ""
+    return f"{where}, torch {m.get('torch')}{load}"
+
+
+def _adapter(data: dict) -> str:
+    a = data.get("adapter") or {}
+    if not a.get("path"):
+        return "identity adapter (untrained: the context is not read)"
+    path = Path(a["path"])
+    where = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else f"{path.name} (not shipped: {path})"
+    return f"adapter {where}" + ("" if a.get("trained") else " (untrained)")
+
+
+def _k(n) -> str:
+    n = int(n)
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def ppl_rows(data: dict) -> list[str]:
+    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    rows = []
+    for r in data["results"]:
+        cells = ", ".join(f"{m} {v['ppl']:.2f}" for m, v in r["modes"].items())
+        flag = " (full attention past the trained window)" if r.get("full_past_trained_window") else ""
+        rows.append(
+            f"| PPL of the last {r['score_last']} tokens, {r['file']}, {_k(r['total_length'])} tokens, {r['n_windows']} window{'s' if r['n_windows'] != 1 else ''}; "
+            f"{_adapter(data)} | {cells}{flag} | {cmd} | {mach} |"
+        )
+    return rows
+
+
+def finding_rows(data: dict) -> list[str]:
+    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    per = data["accuracy_by_system_length"]
+    n_trials = len(data["tasks"]) * data["trials_per_task"]
+    rows = []
+    ran: dict[tuple[str, str], int] = {}
+    for t in data["trials"]:
+        ran[(t["system"], str(t["length"]))] = ran.get((t["system"], str(t["length"])), 0) + 1
+    for system in data["systems"]:
+        done = {str(n): per.get(system, {}).get(str(n)) for n in data.get("lengths_done", data["lengths"])}
+        cells = " · ".join(
+            f"{_k(n)} " + ("not run" if v is None else f"{v:.2f}" + (f" ({ran[(system, n)]} of {n_trials} trials ran)" if ran[(system, n)] < n_trials else ""))
+            for n, v in done.items()
+        )
+        if system in data.get("skipped", {}):
+            cells += "; " + "; ".join(sorted(set(data["skipped"][system].values())))
+        note = f"; {_adapter(data)}" if system.startswith("sharedctx_latent") else ""
+        rows.append(f"| finding things, {system}: mean score over {n_trials} trials a length ({', '.join(data['tasks'])}){note} | {cells} | {cmd} | {mach} |")
+    for system, reason in data.get("not_run", {}).items():
+        short = reason if len(reason) <= 160 else reason[:160] + "…"
+        rows.append(f"| finding things, {system} | not run: {short} | {cmd} | {mach} |")
+    return rows
+
+
+def efficiency_rows(data: dict) -> list[str]:
+    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    rows = []
+    for system, per in data["table"].items():
+        cells = " · ".join(
+            f"{_k(n)} {v['first_token_s']:.2f} s / {v['peak_memory_mb']:.0f} MB" for n, v in sorted(per.items(), key=lambda x: int(x[0]))
+        )
+        rows.append(f"| time to first token / peak memory, {system} ({data['max_new_tokens']} new tokens) | {cells} | {cmd} | {mach} |")
+    for name, per in data.get("ratios", {}).items():
+        if name.endswith("_over_sharedctx_store_ttft"):
+            cells = " · ".join(f"{_k(n)} {v:.1f}x" for n, v in sorted(per.items(), key=lambda x: int(x[0])))
+            rows.append(f"| time to first token, {name.split('_over_')[0]} over sharedctx warm store (same run) | {cells} | {cmd} | {mach} |")
+    return rows
+
+
+def ablation_rows(data: dict) -> list[str]:
+    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    rows = [f"| ablation reference: window-only PPL at {_k(data['length'])} ({data['file']}) | {data['window_only_ppl']:.2f} | {cmd} | {mach} |"] if data.get("window_only_ppl") else []
+    for r in data["rows"]:
+        if "not_run" in r:
+            rows.append(f"| ablation {r['group']}: {r['label']} | not run: {r['not_run']} | {cmd} | {mach} |")
+            continue
+        ppl = f"PPL {r['ppl']:.2f}, " if "ppl" in r else ""
+        rows.append(
+            f"| ablation {r['group']}: {r['label']}; {_adapter(r)} | {ppl}needles {r['needle_accuracy']:.2f} ({r['needle_trials']} trials) | {cmd} | {mach} |"
+        )
+    return rows
 
 
 def core_rows(data: dict) -> list[str]:
@@ -35,15 +116,40 @@ def core_rows(data: dict) -> list[str]:
     ]
 
 
-ROWS = {"core.json": core_rows}
+def index_rows(data: dict) -> list[str]:
+    """benchmarks/bench_index.py (the index branch's benchmark): build, cold and warm query of a ContextIndex."""
+    rows = []
+    for r in data["results"]:
+        cmd = f"`python benchmarks/{r.get('command', data['command'])}`"
+        mach = _machine({**data["machine"], "load_average_1m": r.get("load_average_1m", data["machine"].get("load_average_1m"))})
+        full = f"; full-attention prefill {r['full_attention_prefill_s']:.1f} s" if r.get("full_attention_prefill_s") else ""
+        rows.append(
+            f"| ContextIndex over {_k(r['tokens'])} tokens ({r['chunks']} chunks): build, cold / warm time to first token | "
+            f"{r['build_s']:.1f} s; {r['cold_first_token_s']:.2f} s / {r['warm_first_token_s']:.2f} s "
+            f"({r['warm_injected_states']} states from {r['warm_chunks_selected']} chunks){full} | {cmd} | {mach} |"
+        )
+    return rows
 
 
-def table() -> str:
+#: file-name prefix -> row builder; ``<prefix>*.json`` (e.g. finding_16k.json written with --name) all count
+ROWS = {
+    "core": core_rows,
+    "ppl": ppl_rows,
+    "finding": finding_rows,
+    "efficiency": efficiency_rows,
+    "ablations": ablation_rows,
+    "index": index_rows,
+}
+
+
+def table(results: Path = RESULTS, suffix: str = "") -> str:
+    """The results table from ``results/*.json`` (``suffix="_quick"`` reads the quick runs instead)."""
     lines = ["| what | measured | command | machine |", "| --- | --- | --- | --- |"]
     found = False
-    for name, fn in ROWS.items():
-        path = RESULTS / name
-        if path.is_file():
+    for prefix, fn in ROWS.items():
+        for path in sorted(Path(results).glob(f"{prefix}*.json")):
+            if path.stem.endswith("_quick") != (suffix == "_quick"):
+                continue
             lines += fn(json.loads(path.read_text()))
             found = True
     if not found:

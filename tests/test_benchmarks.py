@@ -1,0 +1,110 @@
+"""The benchmark scripts run end to end in --quick mode on a tiny random model, and the README table reads their JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """``(model_dir, out_dir)``: a tiny 5-layer llama with a byte tokenizer saved to disk, and an output folder."""
+    from conftest import byte_tokenizer, tiny_model
+
+    root = tmp_path_factory.mktemp("bench")
+    model = tiny_model("llama", num_hidden_layers=5, max_position_embeddings=2048)
+    model.save_pretrained(root / "model")
+    byte_tokenizer().save_pretrained(root / "model")
+    sys.path.insert(0, str(BENCH))
+    yield root / "model", root / "out"
+    sys.path.remove(str(BENCH))
+
+
+def _args(bench, *extra: str) -> list[str]:
+    model, out = bench
+    return ["--quick", "--model", str(model), "--chunk-size", "64", "--threads", "1", "--out", str(out), *extra]
+
+
+def test_finding_quick(bench):
+    import bench_finding
+
+    systems = ["sharedctx_latent", "sharedctx_text", "bm25", "full", "streaming"]
+    r = bench_finding.main(_args(bench, "--lengths", "384", "--tasks", "passkey", "vt", "--systems", *systems, "--max-new-tokens", "3"))
+    assert {t["system"] for t in r["trials"]} == set(systems)
+    assert all(0.0 <= t["score"] <= 1.0 and t["first_token_s"] <= t["total_s"] for t in r["trials"])
+    assert r["adapter"] == {"path": None, "trained": False}
+    assert set(r["accuracy"]["full"]) == {"passkey", "vt"}
+    assert (bench[1] / "finding_quick.png").is_file()
+
+
+def test_efficiency_quick(bench):
+    import bench_efficiency
+
+    r = bench_efficiency.main(_args(bench, "--lengths", "384", "--systems", "full", "streaming", "sharedctx_latent", "sharedctx_store", "--max-new-tokens", "3"))
+    assert set(r["table"]) == {"full", "streaming", "sharedctx_latent", "sharedctx_store"}
+    assert r["table"]["sharedctx_store"]["384"]["build_s"] > 0
+    assert "full_over_sharedctx_store_ttft" in r["ratios"]
+    assert (bench[1] / "efficiency_quick.png").is_file()
+
+
+def test_ppl_quick(bench):
+    import bench_ppl
+
+    r = bench_ppl.main(_args(bench, "--lengths", "768", "--windows", "1"))
+    modes = r["results"][0]["modes"]
+    assert set(modes) == {"adapter", "control", "window", "full", "streaming"}
+    # the identity adapter reads nothing: injecting any context leaves the window's perplexity unchanged
+    assert modes["adapter"]["ppl"] == pytest.approx(modes["window"]["ppl"], rel=1e-4)
+    assert modes["control"]["ppl"] == pytest.approx(modes["window"]["ppl"], rel=1e-4)
+
+
+def test_ablations_quick(bench):
+    import bench_ablations
+
+    r = bench_ablations.main(_args(bench, "--lengths", "512", "--only", "policy", "budget", "injection_layers", "--tasks", "passkey"))
+    labels = {row["label"]: row for row in r["rows"]}
+    assert "not_run" in labels["M=8"]  # more layers than the tiny model has, recorded rather than dropped
+    assert labels["M=2"]["config"]["injection_layers"] == 2
+    assert labels["max 512 states"]["needle_trials"] == 1
+    assert (bench[1] / "ablations_quick.json").is_file()
+
+
+def test_report_covers_every_benchmark(bench):
+    import report
+
+    test_files = {p.name for p in bench[1].glob("*_quick.json")}
+    if not test_files:
+        pytest.skip("runs after the quick benchmarks of this module")
+    text = report.table(bench[1], "_quick")
+    for name, kind in (("finding_quick.json", "finding things"), ("efficiency_quick.json", "time to first token"),
+                       ("ppl_quick.json", "PPL of the last"), ("ablations_quick.json", "ablation")):
+        if name in test_files:
+            assert kind in text
+    assert text.count("\n") > 5
+    assert json.loads((bench[1] / "ppl_quick.json").read_text())["command"].startswith(Path(sys.argv[0]).name)
+
+
+def test_tasks_hide_their_answers():
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _tasks import TASK_NAMES, make_task, score
+    finally:
+        sys.path.remove(str(BENCH))
+    from conftest import byte_tokenizer
+
+    tok = byte_tokenizer()
+    filler = np.asarray(tok("It is a truth universally acknowledged. " * 200, add_special_tokens=False)["input_ids"])
+    rng = np.random.default_rng(0)
+    for name in TASK_NAMES:
+        for depth in (0.0, 0.5, 1.0):
+            task = make_task(name, tok, rng, length=1500, depth=depth, filler=filler)
+            assert all(a in task.context for a in task.answers), name
+            assert score(task, " ".join(task.answers)) == 1.0 and score(task, "nothing") == 0.0
+            assert abs(len(tok(task.context)["input_ids"]) - 1500) < 80, name
