@@ -114,9 +114,24 @@ def model_info(llm) -> dict:
         "model": getattr(cfg, "_name_or_path", "") or "SmolLM2-135M-Instruct",
         "fingerprint": llm.fingerprint,
         "max_positions": llm.max_positions,
-        "adapter": {"path": llm.adapter_path, "trained": llm.adapter_trained, **_adapter_training(llm.adapter_path)},
+        "adapter": {
+            "path": llm.adapter_path,
+            "trained": llm.adapter_trained,
+            "sha256": adapter_sha256(llm.adapter_path),
+            **_adapter_training(llm.adapter_path),
+        },
         "config": llm.config.to_dict(),
     }
+
+
+def adapter_sha256(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of an adapter's weights: names the adapter measured wherever its folder was copied."""
+    weights = Path(path) / "adapter.safetensors" if path else None
+    if weights is None or not weights.is_file():
+        return None
+    import hashlib
+
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def _adapter_training(path: str | None) -> dict:

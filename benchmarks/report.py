@@ -9,6 +9,8 @@ import json
 import re
 from pathlib import Path
 
+from _common import adapter_sha256  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -25,7 +27,13 @@ def _adapter(data: dict) -> str:
     if not a.get("path"):
         return "identity adapter (untrained: the context is not read)"
     path = Path(a["path"])
-    where = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else f"{path.name} (not shipped: {path})"
+    shipped = {adapter_sha256(p.parent): p.parent for p in (ROOT / "sharedctx" / "adapters").glob("*/adapter.safetensors")}
+    if path.is_relative_to(ROOT):
+        where = str(path.relative_to(ROOT))
+    elif a.get("sha256") in shipped:
+        where = f"{shipped[a['sha256']].relative_to(ROOT)} (the same weights, copied to {path})"
+    else:
+        where = f"{path.name} (not shipped: {path})"
     return f"adapter {where}" + ("" if a.get("trained") else " (untrained)")
 
 

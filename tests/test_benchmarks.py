@@ -37,7 +37,7 @@ def test_finding_quick(bench):
     r = bench_finding.main(_args(bench, "--lengths", "384", "--tasks", "passkey", "vt", "--systems", *systems, "--max-new-tokens", "3"))
     assert {t["system"] for t in r["trials"]} == set(systems)
     assert all(0.0 <= t["score"] <= 1.0 and t["first_token_s"] <= t["total_s"] for t in r["trials"])
-    assert r["adapter"] == {"path": None, "trained": False}
+    assert r["adapter"] == {"path": None, "trained": False, "sha256": None}
     assert set(r["accuracy"]["full"]) == {"passkey", "vt"}
     assert (bench[1] / "finding_quick.png").is_file()
 
