@@ -76,6 +76,7 @@ class SharedLLM(nn.Module):
         self._cache_kw = cache_kwarg(model.forward)
         self.adapter_trained = False
         self.adapter_path: str | None = None
+        self._train_generator: torch.Generator | None = None
         self.train(model.training)
 
     # ------------------------------------------------------------------ construction
@@ -256,7 +257,13 @@ class SharedLLM(nn.Module):
         spans = tree.spans
         chunk_ids = range(len(spans)) if chunks is None else chunks
         if generator is None:
-            generator = torch.Generator().manual_seed(cfg.seed)
+            if self.training:
+                # one stream for the whole run: fresh split noise and coin flips at every step
+                if self._train_generator is None:
+                    self._train_generator = torch.Generator().manual_seed(cfg.seed)
+                generator = self._train_generator
+            else:  # inference: the same query over the same tree selects the same nodes every time
+                generator = torch.Generator().manual_seed(cfg.seed)
         noise = cfg.split_noise if (self.training and not tree.precomputed) else 0.0
         ids = tree.input_ids
 

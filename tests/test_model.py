@@ -272,3 +272,14 @@ def test_bfloat16_encoding_precomputed_equals_on_the_fly():
     assert [(n.chunk, n.level, n.index) for n in a.nodes[0]] == [(n.chunk, n.level, n.index) for n in b.nodes[0]]
     for x, y in zip(a.keys + a.values, b.keys + b.values):
         torch.testing.assert_close(x, y, atol=2e-2, rtol=2e-2)
+
+
+def test_training_draws_fresh_split_noise_each_step_and_inference_is_repeatable():
+    llm = make_llm(split_noise=0.2, policy="random")
+    tree = llm.encode(random_ids(256, seed=70), precompute=False)
+    spans = lambda: [span for _, span, _ in llm.select(tree, None)]
+    llm.train()
+    first, second = spans(), spans()
+    assert first != second  # a training run must not see the same splits at every step
+    llm.eval()
+    assert spans() == spans()
