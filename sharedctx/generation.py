@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["SamplingOptions", "sample_next", "StopMatcher"]
+__all__ = ["SamplingOptions", "sample_next", "StopMatcher", "iterate_in_thread"]
 
 
 @dataclass
@@ -106,3 +108,45 @@ def token_stream(
         yield tid
         if i + 1 < opts.max_new_tokens:
             logits = step(token.view(1, 1))
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
+    """Drive the blocking iterator ``make()`` (e.g. `SharedLLM.stream`) in a worker thread and yield its items in
+    the running event loop; never blocks the loop and never calls ``asyncio.run``.
+
+    An exception in the worker is re-raised here; when the consumer stops early, the worker stops at its next item.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def put(item: tuple[str, Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop closed: nobody listens any more
+            cancelled.set()
+
+    def produce() -> None:
+        try:
+            for item in make():
+                if cancelled.is_set():
+                    return
+                put(("item", item))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            put(("error", exc))
+        else:
+            put(("done", None))
+
+    worker = loop.run_in_executor(None, produce)
+    try:
+        while True:
+            kind, item = await queue.get()
+            if kind == "error":
+                raise item
+            if kind == "done":
+                return
+            yield item
+    finally:
+        cancelled.set()
+        if worker.done():
+            worker.result()

@@ -79,3 +79,26 @@ def test_chat_prompt_ids_use_the_template_for_whole_conversations():
     assert llm._prompt_ids("hi", True, "Be brief.")[0].tolist() == ids
     llm.tokenizer.chat_template = None
     assert llm.tokenizer.decode(llm.chat_prompt_ids(messages)).endswith("System: Be brief.\nUser: hi\nAssistant:")
+
+
+def test_iterate_in_thread_yields_items_and_reraises():
+    import asyncio
+
+    from sharedctx.generation import iterate_in_thread
+
+    def items():
+        yield from ("a", "b", "c")
+
+    def broken():
+        yield "x"
+        raise RuntimeError("boom")
+
+    async def collect(make):
+        return [item async for item in iterate_in_thread(make)]
+
+    assert asyncio.run(collect(items)) == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="boom"):
+        asyncio.run(collect(broken))
+    llm = make_llm(gates=1.0)
+    streamed = asyncio.run(collect(lambda: llm.stream("hi", context="text " * 20, max_new_tokens=6)))
+    assert "".join(streamed) == llm.generate("hi", context="text " * 20, max_new_tokens=6)

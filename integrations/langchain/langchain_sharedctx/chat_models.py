@@ -277,42 +277,12 @@ class ChatSharedLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancelled = threading.Event()
+        from sharedctx.generation import iterate_in_thread
+
         stats: dict[str, Any] = {}
-
-        def put(item: tuple[str, Any]) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop closed under us: nobody is listening any more
-                cancelled.set()
-
-        def produce() -> None:
-            try:
-                for delta in self._deltas(messages, stop, stats, kwargs):
-                    if cancelled.is_set():
-                        return
-                    put(("delta", delta))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                put(("error", exc))
-            else:
-                put(("done", None))
-
-        worker = loop.run_in_executor(None, produce)
-        try:
-            while True:
-                kind, item = await queue.get()
-                if kind == "error":
-                    raise item
-                if kind == "done":
-                    break
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=item))
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(item, chunk=chunk)
-                yield chunk
-            yield self._last_chunk(stats)
-        finally:
-            cancelled.set()
-            if worker.done():
-                worker.result()
+        async for delta in iterate_in_thread(lambda: self._deltas(messages, stop, stats, kwargs)):
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk
+        yield self._last_chunk(stats)

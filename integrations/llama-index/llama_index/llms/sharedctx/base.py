@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -247,46 +247,12 @@ class SharedLLM(CustomLLM):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        return _in_thread(lambda: self.stream_complete(prompt, formatted, **kwargs))
+        from sharedctx.generation import iterate_in_thread
+
+        return iterate_in_thread(lambda: self.stream_complete(prompt, formatted, **kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return _in_thread(lambda: self.stream_chat(messages, **kwargs))
+        from sharedctx.generation import iterate_in_thread
 
-
-async def _in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Drive a blocking generator in a worker thread and yield its items in the running loop."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    cancelled = threading.Event()
-
-    def put(item: tuple[str, Any]) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop closed: nobody listens any more
-            cancelled.set()
-
-    def produce() -> None:
-        try:
-            for item in make():
-                if cancelled.is_set():
-                    return
-                put(("item", item))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            put(("error", exc))
-        else:
-            put(("done", None))
-
-    worker = loop.run_in_executor(None, produce)
-    try:
-        while True:
-            kind, item = await queue.get()
-            if kind == "error":
-                raise item
-            if kind == "done":
-                return
-            yield item
-    finally:
-        cancelled.set()
-        if worker.done():
-            worker.result()
+        return iterate_in_thread(lambda: self.stream_chat(messages, **kwargs))
