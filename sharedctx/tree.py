@@ -129,15 +129,6 @@ class ContextTree:
                 yield from nxt
                 frontier = nxt
 
-    @property
-    def nbytes(self) -> int:
-        total = 0
-        for st in self.nodes.values():
-            for t in (st.keys, st.values, st.key):
-                if t is not None:
-                    total += t.numel() * t.element_size()
-        return total
-
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
         """Write the tree to one safetensors file (no pickle)."""

@@ -96,6 +96,15 @@ def set_gates(llm, value: float) -> None:
             block.q_proj.weight.add_(torch.randn(block.q_proj.weight.shape, generator=g) * 0.5)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and on a shared machine more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def llm():
     return make_llm(gates=1.0)

@@ -34,13 +34,7 @@ def document(seed: int, paragraphs: int = 30) -> str:
 QUESTIONS = [f"What colour is the lantern of {p} point in section {s}?" for p in ("Harrow", "Kell", "Orm", "Vane") for s in range(4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a shared machine more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

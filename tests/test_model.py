@@ -283,3 +283,18 @@ def test_training_draws_fresh_split_noise_each_step_and_inference_is_repeatable(
     assert first != second  # a training run must not see the same splits at every step
     llm.eval()
     assert spans() == spans()
+
+
+def test_detach_restores_the_original_layers():
+    from sharedctx.injection import InjectedDecoderLayer, detach
+
+    base = tiny_model()
+    reference = copy.deepcopy(base)
+    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4))
+    assert isinstance(base.model.layers[0], InjectedDecoderLayer)
+    detach(base)
+    assert not any(isinstance(layer, InjectedDecoderLayer) for layer in base.model.layers)
+    ids = random_ids(6)[None]
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, reference(ids).logits)
+    assert llm.injection[0].gate.item() == 0.0
