@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import make_llm
 from sharedctx.errors import InputError
