@@ -3,6 +3,7 @@
     python benchmarks/bench_index.py                        # default model; 8K, 32K, 128K tokens of Austen
     python benchmarks/bench_index.py --sizes 8192 32768     # fewer sizes
     python benchmarks/bench_index.py --quick                # tiny random model, 1K/2K tokens, seconds
+    python benchmarks/bench_index.py --sizes 8192 --full-max 0 --concurrent 8 --name index_cpu_concurrent
 
 For each size N, on one machine in one run:
 
@@ -35,6 +36,16 @@ import torch
 from _common import RESULTS, SHARED_DATA, write_json
 
 QUESTION = "Who is Mr. Darcy, and what does Elizabeth think of him at first?"
+QUESTIONS = (
+    QUESTION,
+    "Where does Mr. Bingley take a house?",
+    "How many daughters do Mr. and Mrs. Bennet have?",
+    "What does Mr. Collins want from Elizabeth?",
+    "Who is Charlotte Lucas?",
+    "What happens at the ball at Netherfield?",
+    "Why does Jane go to Netherfield?",
+    "What is Mrs. Bennet's chief business in life?",
+)
 BOOKS = ("pride_and_prejudice.txt", "emma.txt", "mansfield_park.txt", "sense_and_sensibility.txt", "northanger_abbey.txt")
 
 
@@ -104,6 +115,7 @@ def measure(llm, text: str, args) -> dict:
             reopened.close()
         best = min(warm, key=lambda w: w[1].timings["first_token_s"])
         ans = best[1]
+        concurrency = measure_concurrency(llm, root / "store", args) if args.concurrent and n_tokens <= min(args.sizes) + 64 else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -127,6 +139,8 @@ def measure(llm, text: str, args) -> dict:
         "answer": ans.text,
     }
     row["cold_over_warm_first_token"] = round(cold_first_token_s / ans.timings["first_token_s"], 1)
+    if concurrency is not None:
+        row["concurrent"] = concurrency
 
     if n_tokens <= args.full_max:
         ids = llm.tokenizer(text + "\n\n" + QUESTION, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -143,6 +157,43 @@ def measure(llm, text: str, args) -> dict:
         row["full_attention_prefill_s"] = None
         row["full_attention_note"] = f"skipped: {n_tokens} tokens > --full-max {args.full_max}"
     return row
+
+
+def measure_concurrency(llm, store: Path, args) -> dict:
+    """``--concurrent K`` different questions asked at once from K threads over a warm store: answered in batched
+    forwards (``max_batch_queries=K``) against each thread running its own (``max_batch_queries=1``); same
+    answers, wall time compared. Each mode runs twice and keeps its faster run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sharedctx.index import ContextIndex
+
+    k = args.concurrent
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(k)]
+    out: dict = {"queries": k, "new_tokens": args.new_tokens}
+    texts = {}
+    for label, batch in (("separate", 1), ("batched", k)):
+        best = None
+        for _ in range(2):
+            index = ContextIndex.load(store, llm, top_k=args.top_k, max_batch_queries=batch, batch_wait_s=0.05)
+            with ThreadPoolExecutor(max_workers=k) as pool:
+                t = time.perf_counter()
+                answers = list(pool.map(lambda q: index.query(q, max_new_tokens=args.new_tokens), questions))
+                wall = time.perf_counter() - t
+            stats = index.batch_stats
+            index.close()
+            if best is None or wall < best[0]:
+                best = (wall, answers, stats)
+        wall, answers, stats = best
+        texts[label] = [a.text for a in answers]
+        out[label] = {
+            "wall_s": round(wall, 3),
+            "queries_per_s": round(k / wall, 3),
+            "generated_tokens": sum(a.stats["generated_tokens"] for a in answers),
+            "largest_batch": stats["largest"] if batch > 1 else 1,
+        }
+    out["batched_speedup"] = round(out["separate"]["wall_s"] / out["batched"]["wall_s"], 2)
+    out["same_answers"] = texts["separate"] == texts["batched"]
+    return out
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -178,19 +229,21 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--full-max", type=int, default=32768, help="largest size timed with full attention")
+    ap.add_argument("--concurrent", type=int, default=8, help="at the smallest size, this many questions at once, batched vs not (0: skip)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--name", default=None, help="results file stem (default index_<device>; sizes already in it are kept)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 1K and 2K tokens (a smoke run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.sizes, args.repeats, args.new_tokens = [1024, 2048], 1, 4
+        args.sizes, args.repeats, args.new_tokens, args.concurrent = [1024, 2048], 1, 4, min(args.concurrent, 4)
         llm = tiny_llm()
         name = "index_quick"
     else:
         from sharedctx import SharedLLM
 
         llm = SharedLLM.from_pretrained(device=args.device)
-        name = f"index_{llm.device.type}"
+        name = args.name or f"index_{llm.device.type}"
     model = "tiny random Llama" if args.quick else "SmolLM2-135M-Instruct (default)"
     rows = []
     previous = RESULTS / f"{name}.json"

@@ -136,6 +136,14 @@ def index_rows(data: dict) -> list[str]:
             f"{r['build_s']:.1f} s; {r['cold_first_token_s']:.2f} s / {r['warm_first_token_s']:.2f} s "
             f"({r['warm_injected_states']} states from {r['warm_chunks_selected']} chunks){full} | {cmd} | {mach} |"
         )
+        c = r.get("concurrent")
+        if c:
+            rows.append(
+                f"| {c['queries']} different questions at once from {c['queries']} threads over the warm {_k(r['tokens'])}-token index, "
+                f"{c['new_tokens']} new tokens each: batched forwards vs one forward per query | "
+                f"{c['batched']['wall_s']:.2f} s vs {c['separate']['wall_s']:.2f} s ({c['batched_speedup']:.2f}x; largest batch "
+                f"{c['batched']['largest_batch']}; same answers: {'yes' if c['same_answers'] else 'no'}) | {cmd} | {mach} |"
+            )
     return rows
 
 

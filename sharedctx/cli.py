@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluate import add_eval_parser
 
-    add_eval_parser(sub, _add_model_args)
+    add_eval_parser(sub, _add_model_args, _load)
     return parser
 
 

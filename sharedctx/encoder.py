@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
@@ -46,6 +47,10 @@ class LowerEncoder:
         self.passes = 0
         self.tokens_encoded = 0
         self._counter_lock = threading.Lock()  # passes may run from many threads at once
+        #: fused K/V sampler ``sample_kv(k, v, keep=, align=, out_k=, out_v=)`` writing straight into the node
+        #: buffers; ``"auto"`` uses `sharedctx_kernels.sample_kv` for CUDA tensors when sharedctx-kernels and
+        #: triton are installed; None always gathers with ``index_select``
+        self.sample_kv = "auto"
 
     # ------------------------------------------------------------------ one batched pass
     @property
@@ -132,10 +137,7 @@ class LowerEncoder:
                 keys, values, first = self.run(rows, n_layers)
                 node_keys = self._node_key(first)
                 if full:
-                    length = rows.shape[1]
-                    idx = torch.tensor(sample_indices(length, cfg.node_keep, cfg.sampling), device=self.device)
-                    k = torch.stack([t.index_select(2, idx) for t in keys], dim=1)  # (B, M, Hkv, n, D)
-                    v = torch.stack([t.index_select(2, idx) for t in values], dim=1)
+                    k, v = self._sample(keys, values, grad)  # (B, M, Hkv, n, D)
                 for row, j in enumerate(members):
                     if full:
                         out[j] = NodeStates(k[row], v[row], node_keys[row])
@@ -144,6 +146,22 @@ class LowerEncoder:
                 if progress is not None:
                     progress.update(int(rows.numel()))
         return out  # type: ignore[return-value]
+
+    def _sample(self, keys: list[torch.Tensor], values: list[torch.Tensor], grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each layer's ``(B, Hkv, L, D)`` K/V sampled to ``node_keep`` states, stacked ``(B, M, Hkv, n, D)``."""
+        cfg = self.config
+        length = keys[0].shape[2]
+        idx = sample_indices(length, cfg.node_keep, cfg.sampling)
+        fused = _fused_sampler(keys[0].device.type) if self.sample_kv == "auto" else self.sample_kv
+        if fused is not None and not grad:
+            b, hkv, _, d = keys[0].shape
+            k = keys[0].new_empty(b, len(keys), hkv, len(idx), d)
+            v = values[0].new_empty(b, len(keys), hkv, len(idx), d)
+            for i, (kk, vv) in enumerate(zip(keys, values)):
+                fused(kk, vv, keep=cfg.node_keep, align=cfg.sampling, out_k=k[:, i], out_v=v[:, i])
+            return k, v
+        at = torch.tensor(idx, device=keys[0].device)
+        return torch.stack([t.index_select(2, at) for t in keys], dim=1), torch.stack([t.index_select(2, at) for t in values], dim=1)
 
     def node_keys(self, ids: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
         """``(N, hidden)`` keys of spans, from a first-layer-only pass."""
@@ -171,3 +189,17 @@ class LowerEncoder:
                 tree.nodes[node] = st
         tree.precomputed = True
         return tree
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_sampler(device_type: str):
+    """`sharedctx_kernels.sample_kv` for CUDA when sharedctx-kernels and triton are installed, else None."""
+    if device_type != "cuda":
+        return None
+    try:
+        import triton  # noqa: F401
+        from sharedctx_kernels import sample_kv
+    except ImportError:
+        return None
+    logger.info("node sampling: fused Triton gather (sharedctx-kernels)")
+    return sample_kv

@@ -217,7 +217,6 @@ def _adapter_info(llm: Any) -> dict[str, Any]:
 
 
 def _cmd_ppl(args) -> int:
-    from .cli import _load
     from .documents import read_document
 
     if args.threads:
@@ -225,7 +224,7 @@ def _cmd_ppl(args) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.control and "control" not in modes:
         modes.insert(1 if "adapter" in modes else 0, "control")
-    llm = _load(args)
+    llm = args.load_model(args)
     tok = llm.tokenizer
 
     def ids(path):
@@ -258,12 +257,11 @@ def _cmd_ppl(args) -> int:
 
 
 def _cmd_passkey(args) -> int:
-    from .cli import _load
     from .documents import read_document
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = _load(args)
+    llm = args.load_model(args)
     filler = None
     if args.filler_file:
         filler = np.asarray(llm.tokenizer(read_document(args.filler_file), add_special_tokens=False)["input_ids"], dtype=np.int64)
@@ -288,8 +286,9 @@ def _emit(payload: dict[str, Any], args) -> None:
         print(text)
 
 
-def add_eval_parser(sub: Any, add_model_args) -> None:
-    """Register ``sharedctx eval ppl`` and ``sharedctx eval passkey``."""
+def add_eval_parser(sub: Any, add_model_args, load_model) -> None:
+    """Register ``sharedctx eval ppl`` and ``sharedctx eval passkey``; ``add_model_args(parser)`` adds the model
+    options and ``load_model(args)`` builds the `SharedLLM` from them (both from the CLI)."""
     ev = sub.add_parser("eval", help="measure perplexity with and without context, or passkey retrieval")
     evsub = ev.add_subparsers(dest="eval_command", required=True)
 
@@ -304,7 +303,7 @@ def add_eval_parser(sub: Any, add_model_args) -> None:
     ppl.add_argument("--control-file", action="append", default=None, metavar="PATH", help="unrelated text for the control (default: the next --file)")
     ppl.add_argument("--sinks", type=int, default=4, help="attention sinks for the streaming mode")
     _common(ppl, add_model_args)
-    ppl.set_defaults(func=_cmd_ppl)
+    ppl.set_defaults(func=_cmd_ppl, load_model=load_model)
 
     pk = evsub.add_parser("passkey", help="passkey retrieval accuracy by length and depth")
     pk.add_argument("--length", type=int, action="append", required=True, metavar="N", help="haystack tokens (repeatable)")
@@ -315,7 +314,7 @@ def add_eval_parser(sub: Any, add_model_args) -> None:
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
     _common(pk, add_model_args)
-    pk.set_defaults(func=_cmd_passkey)
+    pk.set_defaults(func=_cmd_passkey, load_model=load_model)
 
 
 def _common(p: argparse.ArgumentParser, add_model_args) -> None:

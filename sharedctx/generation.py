@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["SamplingOptions", "sample_next", "StopMatcher", "iterate_in_thread"]
+__all__ = ["SamplingOptions", "sample_next", "StopMatcher", "iterate_in_thread", "MicroBatcher"]
 
 
 @dataclass
@@ -150,3 +152,97 @@ async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[
         cancelled.set()
         if worker.done():
             worker.result()
+
+
+class MicroBatcher:
+    """Runs items submitted from many threads in batches, one batch at a time, in one worker thread.
+
+    ``run(items) -> results`` (same length and order) does the batched work, e.g. one forward for several
+    queries. A request arriving at an idle worker waits at most ``max_wait_s`` for company, then runs; requests
+    arriving while a batch runs queue up and form the next batch (at most ``max_batch`` items). When a batch
+    fails, each of its items is run alone, so an error reaches only the caller whose item caused it.
+    ``stats`` counts batches, items and the largest batch.
+    """
+
+    def __init__(self, run: Callable[[list[Any]], list[Any]], *, max_batch: int = 8, max_wait_s: float = 0.002, name: str = "sharedctx-batcher") -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        self.run, self.max_batch, self.max_wait_s, self.name = run, max_batch, max_wait_s, name
+        self.stats = {"batches": 0, "items": 0, "largest": 0}
+        self._queue: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, item: Any) -> Any:
+        """Run ``item`` in the next batch and return its result (or raise its error); blocks until then."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.name} is closed")
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._worker.start()
+            self._queue.put((item, future))
+        return future.result()
+
+    def close(self) -> None:
+        """Finish what was submitted, then stop the worker; later submissions raise."""
+        with self._lock:
+            self._closed = True
+            worker = self._worker
+            self._queue.put(None)
+        if worker is not None and worker is not threading.current_thread():
+            worker.join()
+
+    def _loop(self) -> None:
+        import time
+
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, stop = [first], False
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run(batch)
+            if stop:
+                return
+
+    def _run(self, batch: list[tuple[Any, Future]]) -> None:
+        items = [item for item, _ in batch]
+        self.stats["batches"] += 1
+        self.stats["items"] += len(items)
+        self.stats["largest"] = max(self.stats["largest"], len(items))
+        try:
+            results = self.run(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{self.name}: run() returned {len(results)} results for {len(items)} items")
+        except BaseException as exc:  # noqa: BLE001 - handed to the callers
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for pair in batch:  # find whose item fails: each alone
+                self._run_alone(*pair)
+            return
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)
+
+    def _run_alone(self, item: Any, future: Future) -> None:
+        try:
+            results = self.run([item])
+            if len(results) != 1:
+                raise RuntimeError(f"{self.name}: run() returned {len(results)} results for 1 items")
+            future.set_result(results[0])
+        except BaseException as exc:  # noqa: BLE001
+            future.set_exception(exc)

@@ -45,6 +45,7 @@ from .documents import (
     read_document,
 )
 from .errors import InputError
+from .generation import MicroBatcher, SamplingOptions
 from .model import SharedLLM
 from .ops.scoring import cosine_scores
 from .policy import make_chooser, rank_chunks, walk_trees
@@ -66,6 +67,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODES = ("latent", "text", "hybrid")
+_SAMPLING = {"temperature", "top_k", "top_p", "stop", "seed"}
 _FORMAT = "sharedctx-index-1"
 _TEXT_PROMPT = "Answer the question using the context passages.\n\n{passages}\n\nQuestion: {question}"
 
@@ -85,6 +87,9 @@ class ContextIndex:
             most this much (None: always one child, as the paper).
         batch_chunks: chunks encoded per batch while building (memory is bounded by this, not the document).
         min_fill: chunks close at a content-defined boundary once this fraction of ``chunk_size`` is filled.
+        max_batch_queries: `query` calls made at the same time from several threads share one batched forward
+            (prefill and decoding), at most this many per batch; 1 runs each call on its own.
+        batch_wait_s: how long a query arriving at an idle model waits for others to share its batch.
     """
 
     def __init__(
@@ -98,11 +103,15 @@ class ContextIndex:
         expand_margin: float | None = None,
         batch_chunks: int = 16,
         min_fill: float = 0.75,
+        max_batch_queries: int = 8,
+        batch_wait_s: float = 0.002,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if batch_chunks < 1:
             raise ValueError(f"batch_chunks must be >= 1, got {batch_chunks}")
+        if max_batch_queries < 1:
+            raise ValueError(f"max_batch_queries must be >= 1, got {max_batch_queries}")
         if expand_margin is not None and llm.config.policy != "query":
             raise ValueError(f"expand_margin needs the 'query' policy, not {llm.config.policy!r}")
         if llm.tokenizer is None:
@@ -125,6 +134,12 @@ class ContextIndex:
         self._docs: dict[str, _Doc] = {}
         self._forest: tuple[list[tuple[_Doc, int]], torch.Tensor] | None = None
         self.counters = {"chunks_encoded": 0, "chunks_cached": 0}
+        self.max_batch_queries = max_batch_queries
+        self._batcher = (
+            MicroBatcher(self._answer_batch, max_batch=max_batch_queries, max_wait_s=batch_wait_s, name="sharedctx-index-queries")
+            if max_batch_queries > 1
+            else None
+        )
         self.refresh()
 
     def _manifest(self) -> dict[str, Any]:
@@ -173,6 +188,8 @@ class ContextIndex:
             self._forest = None
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         self.store.close()
         self.table.close()
         if self._tmp is not None:
@@ -534,6 +551,51 @@ class ContextIndex:
                 self.counters[k] += v
 
     # ------------------------------------------------------------------ answering
+    def _prepare(
+        self, question: str, mode: str, top_k_chunks: int | None, max_injected_states: int | None, max_new_tokens: int, prompt: Any
+    ) -> dict[str, Any]:
+        """Retrieval for one question: selected nodes, citations, injected states and the prompt to read."""
+        if prompt is not None and mode != "latent":
+            raise ValueError(f"prompt= replaces what the model reads only in latent mode; {mode} mode builds its own prompt")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        t0 = time.perf_counter()
+        qids = self._prompt_ids(question)
+        selected, qkey, counts = self._select(qids, top_k_chunks, max_injected_states or self.max_injected_states)
+        self._count(counts)
+        citations = self._citations(selected, qkey)
+        injection = None
+        if mode in ("latent", "hybrid") and selected:
+            rows = [[((r, lv, ix), span, st) for r, _, _, (lv, ix), span, st, _ in selected]]
+            injection = self.llm.assemble_injection(rows)
+        prompt = qids if prompt is None else prompt
+        dropped = 0
+        if mode in ("text", "hybrid"):
+            prompt, dropped = self._text_prompt(question, citations, max_new_tokens)
+        return {
+            "mode": mode, "prompt": prompt, "injection": injection, "citations": citations, "counts": counts,
+            "dropped": dropped, "t0": t0, "t_ret": time.perf_counter(),
+        }
+
+    @staticmethod
+    def _stats(prep: dict[str, Any], inner: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+        citations, injection = prep["citations"], prep["injection"]
+        return {
+            "mode": prep["mode"],
+            "documents": len({c.doc_id for c in citations}),
+            "chunks_selected": len({(c.doc_id, c.chunk) for c in citations}),
+            "chunks_encoded": prep["counts"]["chunks_encoded"],
+            "chunks_cached": prep["counts"]["chunks_cached"],
+            "injected_states": 0 if injection is None else injection.n_states,
+            "text_passages_dropped": prep["dropped"],
+            "prompt_tokens": inner.get("prompt_tokens", 0),
+            "generated_tokens": inner.get("generated_tokens", 0),
+            "batch_size": inner.get("batch_size", 1),
+            "token_ids": inner.get("token_ids", []),
+            "citations": sorted(citations, key=lambda x: (-x.score, x.doc_id, x.token_start)),
+            "timings": timings,
+        }
+
     def stream(
         self,
         question: str,
@@ -553,57 +615,62 @@ class ContextIndex:
         Other options (``temperature``, ``top_k`` and ``top_p`` of sampling, ``stop``, ``seed``, ...) go to
         `SharedLLM.stream`. ``prompt`` (latent mode only): what the model reads instead of the bare question, e.g.
         the token ids of a whole conversation in the chat template; nodes are still selected for ``question``.
+        A streamed answer runs its own forward; concurrent `query` calls share batched ones.
         """
-        if prompt is not None and mode != "latent":
-            raise ValueError(f"prompt= replaces what the model reads only in latent mode; {mode} mode builds its own prompt")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         stats = {} if stats is None else stats
-        t0 = time.perf_counter()
-        qids = self._prompt_ids(question)
-        selected, qkey, counts = self._select(qids, top_k_chunks, max_injected_states or self.max_injected_states)
-        self._count(counts)
-        citations = self._citations(selected, qkey)
-        injection = None
-        if mode in ("latent", "hybrid") and selected:
-            rows = [[((r, lv, ix), span, st) for r, _, _, (lv, ix), span, st, _ in selected]]
-            injection = self.llm.assemble_injection(rows)
-        prompt = qids if prompt is None else prompt
-        dropped = 0
-        if mode in ("text", "hybrid"):
-            prompt, dropped = self._text_prompt(question, citations, max_new_tokens)
-        t_ret = time.perf_counter()
+        prep = self._prepare(question, mode, top_k_chunks, max_injected_states, max_new_tokens, prompt)
         inner: dict[str, Any] = {}
-        yield from self.llm.stream(prompt, injection=injection, max_new_tokens=max_new_tokens, stats=inner, **generation)
+        yield from self.llm.stream(prep["prompt"], injection=prep["injection"], max_new_tokens=max_new_tokens, stats=inner, **generation)
         end = time.perf_counter()
+        t0, t_ret = prep["t0"], prep["t_ret"]
         timings = dict(inner.pop("timings", {}))
         # the model's clock starts after retrieval: time to first token counts from the question
         timings["first_token_s"] = (t_ret - t0) + timings.get("first_token_s", 0.0)
         timings.update({"retrieve_s": t_ret - t0, "total_s": end - t0})
-        stats.update(
-            {
-                "mode": mode,
-                "documents": len({c.doc_id for c in citations}),
-                "chunks_selected": len({(c.doc_id, c.chunk) for c in citations}),
-                "chunks_encoded": counts["chunks_encoded"],
-                "chunks_cached": counts["chunks_cached"],
-                "injected_states": 0 if injection is None else injection.n_states,
-                "text_passages_dropped": dropped,
-                "prompt_tokens": inner.get("prompt_tokens", 0),
-                "generated_tokens": inner.get("generated_tokens", 0),
-                "token_ids": inner.get("token_ids", []),
-                "citations": sorted(citations, key=lambda x: (-x.score, x.doc_id, x.token_start)),
-                "timings": timings,
-            }
-        )
+        stats.update(self._stats(prep, inner, timings))
 
     def query(self, question: str, *, mode: str = "latent", **options: Any) -> Answer:
-        """Answer ``question`` from the indexed documents (see `stream` for ``mode`` and options)."""
-        stats: dict[str, Any] = {}
-        text = "".join(self.stream(question, mode=mode, stats=stats, **options))
+        """Answer ``question`` from the indexed documents (see `stream` for ``mode`` and options).
+
+        Safe to call from many threads: retrieval runs in the caller's thread, and calls that arrive together
+        are answered in one batched forward (``max_batch_queries``), each with the answer it would get alone.
+        """
+        if self._batcher is None:
+            stats: dict[str, Any] = {}
+            text = "".join(self.stream(question, mode=mode, stats=stats, **options))
+            citations = stats.pop("citations")
+            timings = stats.pop("timings")
+            return Answer(text=text, citations=citations, stats=stats, timings=timings)
+        known = {"top_k_chunks", "max_injected_states", "max_new_tokens", "prompt", "chat", "system"} | _SAMPLING
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown query options {unknown}; known: {sorted(known)}")
+        max_new_tokens = options.get("max_new_tokens", 256)
+        sampling = {k: options[k] for k in _SAMPLING if k in options}
+        sampling["max_new_tokens"] = max_new_tokens
+        SamplingOptions(**sampling)  # invalid options fail here, in the caller, not in a shared batch
+        prep = self._prepare(question, mode, options.get("top_k_chunks"), options.get("max_injected_states"), max_new_tokens, options.get("prompt"))
+        ids = self.llm._prompt_ids(prep["prompt"], options.get("chat", True), options.get("system"))
+        self.llm._check_length(ids.shape[1] + max_new_tokens)
+        done = self._batcher.submit((ids, prep["injection"], sampling))
+        end = time.perf_counter()
+        t0, t_ret = prep["t0"], prep["t_ret"]
+        timings = dict(done.timings)
+        # the batch's clock starts when it runs: count from the question, including the wait for the batch
+        timings["first_token_s"] = (end - t0) - (done.timings["total_s"] - done.timings["first_token_s"])
+        timings.update({"retrieve_s": t_ret - t0, "total_s": end - t0})
+        stats = self._stats(prep, {**done.stats, "token_ids": done.token_ids}, timings)
         citations = stats.pop("citations")
-        timings = stats.pop("timings")
-        return Answer(text=text, citations=citations, stats=stats, timings=timings)
+        stats.pop("timings")
+        return Answer(text=done.text, citations=citations, stats=stats, timings=timings)
+
+    def _answer_batch(self, items: list[tuple[torch.Tensor, Any, dict[str, Any]]]):
+        return self.llm.complete_batch([ids for ids, _, _ in items], injections=[inj for _, inj, _ in items], options=[o for _, _, o in items])
+
+    @property
+    def batch_stats(self) -> dict[str, int]:
+        """Batched answering so far: ``batches``, ``items`` (queries) and the ``largest`` batch."""
+        return dict(self._batcher.stats) if self._batcher is not None else {"batches": 0, "items": 0, "largest": 0}
 
     def _text_prompt(self, question: str, citations: list[Citation], max_new_tokens: int) -> tuple[str, int]:
         """The question with the cited spans as numbered passages: best first, as many as fit the model's window.

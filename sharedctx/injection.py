@@ -17,7 +17,7 @@ import contextlib
 import copy
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +61,51 @@ class Injection:
             return None if t is None else t.expand(batch, *t.shape[1:])
 
         return Injection([ex(k) for k in self.keys], [ex(v) for v in self.values], ex(self.key_pos), ex(self.query_pos), ex(self.key_mask))
+
+
+    @staticmethod
+    def stack(rows: Sequence[Injection | None]) -> Injection | None:
+        """One injection for a batch from one-row injections (None: that row reads nothing).
+
+        Rows with fewer states are padded and masked; a row with no states gets an all-False mask, which the
+        attention ops turn into a zero output, so it reads exactly as without injection. None when every row
+        is None.
+        """
+        real = [r for r in rows if r is not None]
+        if not real:
+            return None
+        for r in real:
+            if r.keys[0].shape[0] != 1:
+                raise ValueError(f"Injection.stack takes one-row injections, got one with {r.keys[0].shape[0]} rows")
+        if len({r.key_pos is None for r in real}) > 1:
+            raise ValueError("cannot stack injections built with and without chunk positions")
+        ref = real[0]
+        m = len(ref.keys)
+        if any(len(r.keys) != m or r.keys[0].shape[1] != ref.keys[0].shape[1] or r.keys[0].shape[3] != ref.keys[0].shape[3] for r in real):
+            raise ValueError("cannot stack injections of different shapes (layers, heads or head size differ)")
+        batch, s_max = len(rows), max(r.n_states for r in real)
+        _, hkv, _, d = ref.keys[0].shape
+        like = ref.keys[0]
+        keys = [like.new_zeros(batch, hkv, s_max, d) for _ in range(m)]
+        values = [like.new_zeros(batch, hkv, s_max, d) for _ in range(m)]
+        key_pos = None if ref.key_pos is None else torch.zeros(batch, s_max, dtype=torch.long, device=like.device)
+        query_pos = torch.zeros(batch, dtype=ref.query_pos.dtype, device=like.device)
+        mask = torch.zeros(batch, s_max, dtype=torch.bool, device=like.device)
+        nodes: list = []
+        for b, r in enumerate(rows):
+            if r is None:
+                nodes.append([])
+                continue
+            s = r.n_states
+            for i in range(m):
+                keys[i][b, :, :s] = r.keys[i][0]
+                values[i][b, :, :s] = r.values[i][0]
+            if key_pos is not None:
+                key_pos[b, :s] = r.key_pos[0]
+            query_pos[b] = r.query_pos.reshape(-1)[0]
+            mask[b, :s] = True if r.key_mask is None else r.key_mask[0]
+            nodes.append(list(r.nodes[0]) if r.nodes else [])
+        return Injection(keys, values, key_pos, query_pos, None if bool(mask.all()) else mask, nodes)
 
 
 _ACTIVE: ContextVar[Injection | None] = ContextVar("sharedctx_injection", default=None)

@@ -17,7 +17,7 @@ from . import __version__
 from .config import LOWER_FIELDS, SharedCtxConfig
 from .encoder import LowerEncoder, cache_kwarg
 from .errors import AdapterMismatchError, ContextMismatchError, PromptTooLongError
-from .generation import SamplingOptions, StopMatcher, token_stream
+from .generation import SamplingOptions, StopMatcher, sample_next, token_stream
 from .injection import Injection, attach, injecting
 from .models import DEFAULT_MODEL_NAME, base_fingerprint, check_supported, load_base_model
 from .policy import make_chooser, walk_trees
@@ -404,6 +404,7 @@ class SharedLLM(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        position_ids: torch.Tensor | None = None,
     ):
         """Run the upper model on ``input_ids (B, T)`` reading ``context`` through injected states.
 
@@ -423,6 +424,8 @@ class SharedLLM(nn.Module):
             kwargs[self._cache_kw] = past_key_values
         if labels is not None:
             kwargs["labels"] = torch.as_tensor(labels).to(self.device)
+        if position_ids is not None:
+            kwargs["position_ids"] = torch.as_tensor(position_ids).to(self.device)
         with injecting(injection):
             return self.base(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs
@@ -556,6 +559,122 @@ class SharedLLM(nn.Module):
         timings = stats.pop("timings", {})
         token_ids = stats.pop("token_ids", [])
         return Completion(text=text, token_ids=token_ids, stats=stats, timings=timings)
+
+    def complete_batch(
+        self,
+        prompts: Sequence[str | Sequence[int] | torch.Tensor],
+        *,
+        injections: Sequence[Injection | None] | None = None,
+        options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+        chat: bool = True,
+        system: str | None = None,
+    ) -> list[Completion]:
+        """Answer several prompts in one batched prefill and one batched decoding loop.
+
+        Row ``i`` reads its own injected states ``injections[i]`` (a one-row `Injection`, e.g. from
+        `prepare_injection` or `ContextIndex`; None reads nothing) and has its own sampling ``options[i]``
+        (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``stop``, ``seed``; one dict applies to all).
+        Prompts are left-padded and given explicit positions, so each row's answer is the one `complete` gives
+        for it alone, up to the floating-point order of batched sums. Decoding runs until every row has ended
+        (end of sequence, a stop string or its own ``max_new_tokens``); ended rows are carried along unread.
+        """
+        n = len(prompts)
+        if n == 0:
+            return []
+        injections = [None] * n if injections is None else list(injections)
+        if len(injections) != n:
+            raise ValueError(f"got {len(injections)} injections for {n} prompts")
+        if options is None or isinstance(options, dict):
+            options = [dict(options or {})] * n
+        if len(options) != n:
+            raise ValueError(f"got {len(options)} option dicts for {n} prompts")
+        allowed = {"max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed"}
+        opts = []
+        for o in options:
+            unknown = sorted(set(o) - allowed)
+            if unknown:
+                raise TypeError(f"unknown generation options {unknown}; known: {sorted(allowed)}")
+            opts.append(SamplingOptions(**{"max_new_tokens": 256, **o}))
+        t0 = time.perf_counter()
+        rows = [self._prompt_ids(p, chat, system)[0] for p in prompts]
+        for ids, o in zip(rows, opts):
+            self._check_length(ids.numel() + o.max_new_tokens)
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        eos = self._eos_ids()
+        pad = int(pad if pad is not None else (min(eos) if eos else 0))
+        width = max(r.numel() for r in rows)
+        input_ids = torch.full((n, width), pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        for b, r in enumerate(rows):
+            input_ids[b, width - r.numel() :] = r
+            mask[b, width - r.numel() :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        injection = Injection.stack(injections)
+        gens = [torch.Generator().manual_seed(o.seed) if o.seed is not None else None for o in opts]
+        matchers = [StopMatcher(o.stop) for o in opts]
+        generated: list[list[int]] = [[] for _ in range(n)]
+        texts = [""] * n
+        done = [o.max_new_tokens == 0 for o in opts]
+        first_at: list[float | None] = [None] * n
+        end_at: list[float | None] = [None] * n
+        t_inject = time.perf_counter()
+        with torch.no_grad():
+            out = self.forward(input_ids, attention_mask=mask, position_ids=positions, injection=injection, use_cache=True, logits_to_keep=1)
+            cache, logits = _output_cache(out), out.logits[:, -1]
+            t_prefill = time.perf_counter()
+            while not all(done):
+                step_tokens = torch.full((n, 1), pad, dtype=torch.long, device=self.device)
+                for b in range(n):
+                    if done[b]:
+                        continue
+                    tid = int(sample_next(logits[b : b + 1], opts[b], gens[b])[0])
+                    if tid in eos:
+                        done[b] = True
+                        continue
+                    generated[b].append(tid)
+                    step_tokens[b, 0] = tid
+                    if first_at[b] is None:
+                        first_at[b] = time.perf_counter()
+                    if tok is not None:
+                        texts[b] += matchers[b].feed(tok.decode(generated[b], skip_special_tokens=True))
+                    done[b] = matchers[b].stopped or len(generated[b]) >= opts[b].max_new_tokens
+                now = time.perf_counter()
+                for b in range(n):
+                    if done[b] and end_at[b] is None:
+                        end_at[b] = now
+                if all(done):
+                    break
+                mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = self.forward(
+                    step_tokens, attention_mask=mask, position_ids=positions, injection=injection,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                )
+                cache, logits = _output_cache(out), out.logits[:, -1]
+        end = time.perf_counter()
+        results = []
+        for b in range(n):
+            if tok is not None and not matchers[b].stopped:
+                texts[b] += matchers[b].feed(tok.decode(generated[b], skip_special_tokens=True), final=True)
+            row_end = end_at[b] or end
+            stats = {
+                "prompt_tokens": int(rows[b].numel()),
+                "generated_tokens": len(generated[b]),
+                "injected_states": 0 if injections[b] is None else injections[b].n_states,
+                "injected_nodes": [] if injections[b] is None or not injections[b].nodes else [vars(x) for x in injections[b].nodes[0]],
+                "batch_size": n,
+            }
+            timings = {
+                "inject_s": t_inject - t0,
+                "prefill_s": t_prefill - t_inject,
+                "first_token_s": (first_at[b] or row_end) - t0,
+                "decode_s": row_end - t_prefill,
+                "total_s": row_end - t0,
+                "tokens_per_s": len(generated[b]) / max(row_end - t_prefill, 1e-9),
+            }
+            results.append(Completion(text=texts[b], token_ids=generated[b], stats=stats, timings=timings))
+        return results
 
     def generate(self, prompt: str | Sequence[int] | torch.Tensor, *, context: ContextLike | None = None, **kwargs: Any) -> str:
         """The answer to ``prompt`` reading ``context`` (greedy by default). Options: ``max_new_tokens``,

@@ -23,3 +23,7 @@ def test_bench_index_quick():
         assert r["build_tokens_per_s"] > 0 and r["warm_injected_states"] > 0
         assert r["warm_retrieve_s"] <= r["warm_first_token_s"] <= r["warm_total_s"]
         assert r["cold_first_token_s"] > r["build_s"] and r["full_attention_prefill_s"] > 0
+    batched = data["results"][0]["concurrent"]
+    assert batched["queries"] == 4 and batched["same_answers"] is True
+    assert batched["batched"]["largest_batch"] > 1 and batched["batched_speedup"] > 0
+    assert "concurrent" not in data["results"][1]

@@ -212,13 +212,33 @@ def test_budgets_and_expanding_both_children(llm, tmp_path):
 
 # ---------------------------------------------------------------------- concurrency
 def test_16_concurrent_queries_equal_sequential(llm, tmp_path):
-    index = build(llm, tmp_path / "ix")
-    sequential = [answer_key(index.query(q, max_new_tokens=6)) for q in QUESTIONS]
+    """Concurrent queries share batched forwards and each still gets the answer it gets alone."""
+    build(llm, tmp_path / "ix").close()
+    alone = ContextIndex.load(tmp_path / "ix", llm, max_batch_queries=1)
+    modes = ["latent", "latent", "text", "hybrid"] * 4
+    lengths = [6, 3, 5, 7] * 4
+    sequential = [answer_key(alone.query(q, mode=m, max_new_tokens=n)) for q, m, n in zip(QUESTIONS, modes, lengths)]
+    index = ContextIndex.load(tmp_path / "ix", llm, max_batch_queries=8, batch_wait_s=0.2)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        concurrent = list(pool.map(lambda q: answer_key(index.query(q, max_new_tokens=6)), QUESTIONS))
+        answers = list(pool.map(lambda a: index.query(a[0], mode=a[1], max_new_tokens=a[2]), zip(QUESTIONS, modes, lengths)))
         retrieved = list(pool.map(lambda q: [c.to_dict() for c in index.retrieve(q)], QUESTIONS))
-    assert concurrent == sequential
+    assert [answer_key(a) for a in answers] == sequential
+    assert index.batch_stats["items"] == 16 and index.batch_stats["largest"] > 1
+    assert max(a.stats["batch_size"] for a in answers) > 1
+    assert all(a.timings["total_s"] >= a.timings["first_token_s"] >= a.timings["retrieve_s"] for a in answers)
     assert retrieved == [[c.to_dict() for c in index.retrieve(q)] for q in QUESTIONS]
+
+
+def test_query_options_are_checked_before_batching(llm, tmp_path):
+    index = build(llm, tmp_path / "ix", docs=1)
+    with pytest.raises(TypeError, match="unknown query options"):
+        index.query(QUESTIONS[0], temprature=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        index.query(QUESTIONS[0], temperature=-1.0)
+    with pytest.raises(ValueError, match="max_batch_queries"):
+        ContextIndex(llm, tmp_path / "other", max_batch_queries=0)
+    assert index.batch_stats["items"] == 0
+    index.close()
 
 
 def _build_in_process(directory: str, seed: int) -> None:
