@@ -147,6 +147,19 @@ def index_rows(data: dict) -> list[str]:
     return rows
 
 
+def selection_rows(data: dict) -> list[str]:
+    """benchmarks/bench_selection.py: does the question's score put the answer's chunk on top?"""
+    cmd = f"`python benchmarks/{data['command']}`"
+    mach = _machine(data["machine"])
+    rows = []
+    for scorer, per in data["summary"].items():
+        cells = " · ".join(
+            f"{_k(int(n))} {c['recall@1']:.2f} / {c['recall@2']:.2f} / {c['recall@8']:.2f} ({c['trials']} trials)" for n, c in per.items()
+        )
+        rows.append(f"| chunk selection, `{scorer}`: recall@1 / @2 / @8 of the answer's chunk | {cells} | {cmd} | {mach} |")
+    return rows
+
+
 #: file-name prefix -> row builder; ``<prefix>*.json`` (e.g. finding_16k.json written with --name) all count
 ROWS = {
     "core": core_rows,
@@ -155,6 +168,7 @@ ROWS = {
     "efficiency": efficiency_rows,
     "ablations": ablation_rows,
     "index": index_rows,
+    "selection": selection_rows,
 }
 
 

@@ -82,7 +82,8 @@ def test_report_covers_every_benchmark(bench):
         pytest.skip("runs after the quick benchmarks of this module")
     text = report.table(bench[1], "_quick")
     for name, kind in (("finding_quick.json", "finding things"), ("efficiency_quick.json", "time to first token"),
-                       ("ppl_quick.json", "PPL of the last"), ("ablations_quick.json", "ablation")):
+                       ("ppl_quick.json", "PPL of the last"), ("ablations_quick.json", "ablation"),
+                       ("selection_quick.json", "chunk selection")):
         if name in test_files:
             assert kind in text
     assert text.count("\n") > 5
@@ -108,3 +109,15 @@ def test_tasks_hide_their_answers():
             assert all(a in task.context for a in task.answers), name
             assert score(task, " ".join(task.answers)) == 1.0 and score(task, "nothing") == 0.0
             assert abs(len(tok(task.context)["input_ids"]) - 1500) < 80, name
+
+
+def test_selection_quick(bench):
+    import bench_selection
+
+    r = bench_selection.main(_args(bench, "--lengths", "512", "--tasks", "passkey", "niah_single", "--layers", "1"))
+    assert r["trials"] and all(t["answer_chunk"] < t["chunks"] for t in r["trials"])
+    assert {"design", "mean_l1", "maxleaf_l1", "bm25"} <= set(r["summary"])
+    for per in r["summary"].values():
+        cell = per["512"]
+        assert 0.0 <= cell["recall@1"] <= cell["recall@2"] <= cell["recall@8"] <= 1.0
+    assert (bench[1] / "selection_quick.png").is_file()
