@@ -9,11 +9,11 @@ from typing import Any, Literal
 
 __all__ = ["SharedCtxConfig", "LOWER_FIELDS"]
 
-Policy = Literal["query", "right", "left", "random"]
+Policy = Literal["query", "lexical", "right", "left", "random"]
 Positions = Literal["chunk", "none"]
 Sampling = Literal["end", "start"]
 
-_POLICIES = ("query", "right", "left", "random")
+_POLICIES = ("query", "lexical", "right", "left", "random")
 _POSITIONS = ("chunk", "none")
 _SAMPLING = ("end", "start")
 _GATES = ("tanh", "linear")
@@ -33,7 +33,8 @@ class SharedCtxConfig:
         chunk_size: ``C``, tokens per chunk; each chunk is the root of a context tree.
         tree_height: ``h``, the number of levels of splitting below each chunk root.
         node_keep: states kept per preserved node after sampling (per layer, per key/value head).
-        policy: which child to expand at each split: ``query`` (cosine to the query key), ``right``,
+        policy: which child to expand at each split: ``query`` (cosine to the query key), ``lexical`` (BM25
+            of the node's text for the question's words; `ContextIndex` also ranks chunks by it), ``right``,
             ``left`` or ``random``.
         positions: ``chunk`` rotates the keys of chunk ``i`` by RoPE position ``i`` and queries by ``n``,
             the number of injected chunks; ``none`` adds no position (ablation).

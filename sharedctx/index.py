@@ -47,7 +47,7 @@ from .documents import (
 from .errors import InputError
 from .generation import MicroBatcher, SamplingOptions
 from .model import SharedLLM
-from .ops.scoring import cosine_scores
+from .ops.scoring import BM25, cosine_scores
 from .policy import make_chooser, rank_chunks, walk_trees
 from .store import DEFAULT_SIZE_LIMIT, StoreError, TreeStore
 from .tree import NodeStates, canonical_children
@@ -83,7 +83,7 @@ class ContextIndex:
             are encoded again when a query needs them).
         top_k: chunks injected per query at most.
         max_injected_states: budget of injected states per query (None: no budget beyond ``top_k``).
-        expand_margin: with the ``query`` policy, expand both children when their cosine scores differ by at
+        expand_margin: with the ``query`` (``lexical``) policy, expand both children when their cosine (BM25) scores differ by at
             most this much (None: always one child, as the paper).
         batch_chunks: chunks encoded per batch while building (memory is bounded by this, not the document).
         min_fill: chunks close at a content-defined boundary once this fraction of ``chunk_size`` is filled.
@@ -112,8 +112,8 @@ class ContextIndex:
             raise ValueError(f"batch_chunks must be >= 1, got {batch_chunks}")
         if max_batch_queries < 1:
             raise ValueError(f"max_batch_queries must be >= 1, got {max_batch_queries}")
-        if expand_margin is not None and llm.config.policy != "query":
-            raise ValueError(f"expand_margin needs the 'query' policy, not {llm.config.policy!r}")
+        if expand_margin is not None and llm.config.policy not in ("query", "lexical"):
+            raise ValueError(f"expand_margin needs the 'query' or 'lexical' policy, not {llm.config.policy!r}")
         if llm.tokenizer is None:
             raise ValueError("a ContextIndex needs a SharedLLM with a tokenizer (documents are text)")
         self.llm = llm
@@ -133,6 +133,7 @@ class ContextIndex:
         self._lock = threading.RLock()
         self._docs: dict[str, _Doc] = {}
         self._forest: tuple[list[tuple[_Doc, int]], torch.Tensor] | None = None
+        self._bm25: BM25 | None = None
         self.counters = {"chunks_encoded": 0, "chunks_cached": 0}
         self.max_batch_queries = max_batch_queries
         self._batcher = (
@@ -186,6 +187,7 @@ class ContextIndex:
                 if old is None or old.chunk_keys != doc.chunk_keys or old.seq != doc.seq:
                     self._docs[doc_id] = doc
             self._forest = None
+            self._bm25 = None
 
     def close(self) -> None:
         if self._batcher is not None:
@@ -221,6 +223,7 @@ class ContextIndex:
             self.table.delete(doc_id)
             self._docs.pop(doc_id, None)
             self._forest = None
+            self._bm25 = None
 
     def prune(self) -> int:
         """Delete stored chunks no document refers to; returns how many."""
@@ -359,6 +362,7 @@ class ContextIndex:
             result.replaced = old is not None
             self._docs[doc_id] = doc
             self._forest = None
+            self._bm25 = None
         return result
 
     def _check_ids(self, ids: torch.Tensor) -> None:
@@ -492,39 +496,65 @@ class ContextIndex:
             length = big
         return total
 
-    def _select(self, prompt_ids: torch.Tensor, top_k: int | None, max_states: int | None):
-        """Rank chunks, load the kept ones, walk their trees. Returns (selected, qkey, counts)."""
+    def _lexicon(self, entries: list[tuple[_Doc, int]]) -> BM25:
+        """BM25 statistics over the text of every chunk of the forest (rebuilt when documents change)."""
+        with self._lock:
+            if self._bm25 is None:
+                self._bm25 = BM25([_span_text(d, int(d.bounds[c]), int(d.bounds[c + 1])) for d, c in entries])
+            return self._bm25
+
+    def _select(self, prompt_ids: torch.Tensor, question: str, top_k: int | None, max_states: int | None):
+        """Rank chunks, load the kept ones, walk their trees. Returns (selected, score_fn, counts), where
+        ``score_fn(items)`` scores ``(doc, chunk, span)`` items for the question under the policy."""
         entries, root_keys = self._forest_view()
         counts = {"chunks_encoded": 0, "chunks_cached": 0}
         if not entries:
             raise InputError(f"the index {self.directory} holds no documents; add some first")
-        qkey = self.llm.query_keys(prompt_ids.reshape(1, -1).to(self.llm.device), [prompt_ids.numel()])[0].cpu()
+        cfg = self.llm.config
+        lexicon = self._lexicon(entries) if cfg.policy == "lexical" else None
+        if lexicon is not None:
+            chunk_scores = lexicon.scores(question)
+
+            def score_fn(items):
+                return lexicon.scores(question, [_span_text(d, int(d.bounds[c]) + a, int(d.bounds[c]) + b) for d, c, (a, b), _ in items])
+        else:
+            qkey = self.llm.query_keys(prompt_ids.reshape(1, -1).to(self.llm.device), [prompt_ids.numel()])[0].cpu()
+            chunk_scores = cosine_scores(qkey, root_keys)
+
+            def score_fn(items):
+                return cosine_scores(qkey, torch.stack([st.key for _, _, _, st in items]))
+
         budgets = [self._chunk_budget(int(d.bounds[c + 1] - d.bounds[c])) for d, c in entries]
-        chunk_scores = cosine_scores(qkey, root_keys)
-        kept = rank_chunks(qkey, root_keys, top_k=top_k or self.top_k, states_per_chunk=budgets, max_states=max_states)
+        kept = rank_chunks(scores=chunk_scores, top_k=top_k or self.top_k, states_per_chunk=budgets, max_states=max_states)
         kept.sort()  # document order: chunk positions follow it
         loaded = {rank: self._chunk_nodes(*entries[g], counts) for rank, g in enumerate(kept)}
         spans = {rank: (0, int(entries[g][0].chunk_ids(entries[g][1]).numel())) for rank, g in enumerate(kept)}
-        if self.expand_margin is None:
-            def keys_fn(node_ids, node_spans):
-                return torch.stack([loaded[r][(lv, ix)].key for r, lv, ix in node_ids])
 
-            gen = torch.Generator().manual_seed(self.llm.config.seed)
-            chooser = make_chooser(self.llm.config.policy, query_key=qkey, keys_fn=keys_fn, generator=gen)
-            walked = walk_trees(spans, self.llm.config.tree_height, chooser).nodes()
+        def node_scores(node_ids, node_spans):
+            return score_fn([(*entries[kept[r]], sp, loaded[r][(lv, ix)]) for (r, lv, ix), sp in zip(node_ids, node_spans)])
+
+        if self.expand_margin is None:
+            gen = torch.Generator().manual_seed(cfg.seed)
+            if cfg.policy in ("query", "lexical"):
+                def chooser(level, li, ls, ri, rs):
+                    sc = node_scores(li + ri, ls + rs)
+                    return (sc[len(li) :] >= sc[: len(li)]).tolist()
+            else:
+                chooser = make_chooser(cfg.policy, generator=gen)
+            walked = walk_trees(spans, cfg.tree_height, chooser).nodes()
         else:
-            walked = [item for r in sorted(spans) for item in _walk_margin(r, spans[r], loaded[r], qkey, self.llm.config.tree_height, self.expand_margin)]
+            walked = [item for r in sorted(spans) for item in _walk_margin(r, spans[r], node_scores, cfg.tree_height, self.expand_margin)]
         selected = []
         for (r, lv, ix), span in walked:
             st = loaded[r][(lv, ix)]
             doc, c = entries[kept[r]]
             selected.append((r, doc, c, (lv, ix), span, st, float(chunk_scores[kept[r]])))
-        return selected, qkey, counts
+        return selected, score_fn, counts
 
-    def _citations(self, selected, qkey: torch.Tensor) -> list[Citation]:
+    def _citations(self, selected, score_fn) -> list[Citation]:
         if not selected:
             return []
-        scores = cosine_scores(qkey, torch.stack([item[5].key for item in selected])).tolist()
+        scores = score_fn([(doc, c, span, st) for _, doc, c, _, span, st, _ in selected]).tolist()
         out = []
         for (r, doc, c, (lv, ix), (s, e), st, chunk_score), score in zip(selected, scores):
             t0 = int(doc.bounds[c]) + s
@@ -540,9 +570,9 @@ class ContextIndex:
 
     def retrieve(self, question: str, *, top_k_chunks: int | None = None, max_injected_states: int | None = None) -> list[Citation]:
         """The nodes a query selects, as citations with text, best score first (usable with any text LLM)."""
-        selected, qkey, counts = self._select(self._prompt_ids(question), top_k_chunks, max_injected_states or self.max_injected_states)
+        selected, score_fn, counts = self._select(self._prompt_ids(question), question, top_k_chunks, max_injected_states or self.max_injected_states)
         self._count(counts)
-        cites = self._citations(selected, qkey)
+        cites = self._citations(selected, score_fn)
         return sorted(cites, key=lambda x: (-x.score, x.doc_id, x.token_start))
 
     def _count(self, counts: dict[str, int]) -> None:
@@ -561,9 +591,9 @@ class ContextIndex:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         t0 = time.perf_counter()
         qids = self._prompt_ids(question)
-        selected, qkey, counts = self._select(qids, top_k_chunks, max_injected_states or self.max_injected_states)
+        selected, score_fn, counts = self._select(qids, question, top_k_chunks, max_injected_states or self.max_injected_states)
         self._count(counts)
-        citations = self._citations(selected, qkey)
+        citations = self._citations(selected, score_fn)
         injection = None
         if mode in ("latent", "hybrid") and selected:
             rows = [[((r, lv, ix), span, st) for r, _, _, (lv, ix), span, st, _ in selected]]
@@ -693,8 +723,8 @@ class ContextIndex:
         return render(chosen), dropped
 
 
-def _walk_margin(rank, span, nodes, qkey, height, margin):
-    """Walk one chunk tree, expanding both children when their scores are within ``margin``."""
+def _walk_margin(rank, span, node_scores, height, margin):
+    """Walk one chunk tree, expanding both children when their scores (``node_scores(ids, spans)``) are within ``margin``."""
     preserved = []
     frontier = [((rank, 0, 0), span)]
     for level in range(1, height + 1):
@@ -708,7 +738,7 @@ def _walk_margin(rank, span, nodes, qkey, height, margin):
             if level == height:
                 preserved += [(lid, left), (rid, right)]
                 continue
-            sl, sr = cosine_scores(qkey, torch.stack([nodes[(level, 2 * ix)].key, nodes[(level, 2 * ix + 1)].key])).tolist()
+            sl, sr = node_scores([lid, rid], [left, right]).tolist()
             if abs(sr - sl) <= margin:
                 nxt += [(lid, left), (rid, right)]
             elif sr >= sl:
@@ -719,3 +749,10 @@ def _walk_margin(rank, span, nodes, qkey, height, margin):
                 nxt.append((lid, left))
         frontier = nxt
     return sorted(preserved, key=lambda item: item[1][0])
+
+
+def _span_text(doc: _Doc, t0: int, t1: int) -> str:
+    """Text of a document's tokens ``[t0, t1)``."""
+    if t1 <= t0:
+        return ""
+    return doc.text[int(doc.offsets[t0, 0]) : int(doc.offsets[t1 - 1, 1])]

@@ -20,6 +20,7 @@ from .errors import AdapterMismatchError, ContextMismatchError, PromptTooLongErr
 from .generation import SamplingOptions, StopMatcher, sample_next, token_stream
 from .injection import Injection, attach, injecting
 from .models import DEFAULT_MODEL_NAME, base_fingerprint, check_supported, load_base_model
+from .ops.scoring import BM25
 from .policy import make_chooser, walk_trees
 from .tree import ContextTree, InjectedNode, NodeStates
 
@@ -249,10 +250,25 @@ class SharedLLM(nn.Module):
                 keys.append(self.base.model.norm(first[:, -1]).float()[0])
         return torch.stack(keys)
 
+    def span_text(self, tree: ContextTree, start: int, end: int) -> str:
+        """Text of the tree's tokens ``[start, end)``: a slice of its text when it has offsets, else decoded."""
+        chars = tree.char_span(start, end) if tree.text is not None else None
+        if chars is not None:
+            return tree.text[chars[0] : chars[1]]  # type: ignore[index]
+        return self._require_tokenizer().decode(tree.input_ids[start:end].tolist(), skip_special_tokens=True)
+
     def select(
-        self, tree: ContextTree, query_key: torch.Tensor | None, *, chunks: Sequence[int] | None = None, generator: torch.Generator | None = None
+        self,
+        tree: ContextTree,
+        query_key: torch.Tensor | None,
+        *,
+        chunks: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        query_text: str | None = None,
     ) -> list[tuple[tuple[int, int, int], tuple[int, int], NodeStates]]:
-        """Walk the trees of ``chunks`` (all by default) and return the preserved nodes with their states."""
+        """Walk the trees of ``chunks`` (all by default) and return the preserved nodes with their states.
+
+        ``query_key`` serves the ``query`` policy; ``query_text`` the ``lexical`` one (BM25 over the tree's chunks)."""
         cfg = self.config
         spans = tree.spans
         chunk_ids = range(len(spans)) if chunks is None else chunks
@@ -274,7 +290,14 @@ class SharedLLM(nn.Module):
             def keys_fn(node_ids, node_spans):
                 return self.encoder.node_keys(ids, node_spans)
 
-        chooser = make_chooser(cfg.policy, query_key=query_key, keys_fn=keys_fn, generator=generator)
+        lexical: dict[str, Any] = {}
+        if cfg.policy == "lexical":
+            lexical = {
+                "query_text": query_text,
+                "lexicon": BM25([self.span_text(tree, s, e) for s, e in spans]),
+                "texts_fn": lambda node_ids, node_spans: [self.span_text(tree, s, e) for s, e in node_spans],
+            }
+        chooser = make_chooser(cfg.policy, query_key=query_key, keys_fn=keys_fn, generator=generator, **lexical)
         walk = walk_trees({c: spans[c] for c in chunk_ids}, cfg.tree_height, chooser, split_noise=noise, generator=generator)
         nodes = walk.nodes()
         if tree.precomputed:
@@ -292,8 +315,12 @@ class SharedLLM(nn.Module):
         labels: torch.Tensor | None = None,
         chunks: Sequence[int] | Sequence[Sequence[int]] | None = None,
         generator: torch.Generator | None = None,
+        query_text: str | Sequence[str] | None = None,
     ) -> Injection | None:
-        """Select nodes for each row's query and assemble the injected states (None when nothing to inject)."""
+        """Select nodes for each row's query and assemble the injected states (None when nothing to inject).
+
+        With the ``lexical`` policy each row's ``query_text`` (default: its query tokens decoded) is scored
+        against node texts."""
         cfg = self.config
         input_ids = torch.as_tensor(input_ids).to(self.device)
         if input_ids.dim() == 1:
@@ -310,13 +337,24 @@ class SharedLLM(nn.Module):
         qlens = _query_lengths(batch, length, query_length, labels)
         qkeys = self.query_keys(input_ids, qlens) if cfg.policy == "query" else None
         row_chunks = _row_chunks(chunks, batch)
+        texts: list[str | None] = [None] * batch
+        if cfg.policy == "lexical":
+            if query_text is None:
+                tok = self._require_tokenizer()
+                texts = [tok.decode(input_ids[b, : qlens[b]].tolist(), skip_special_tokens=True) for b in range(batch)]
+            else:
+                texts = [query_text] * batch if isinstance(query_text, str) else list(query_text)
+                if len(texts) != batch:
+                    raise ValueError(f"got {len(texts)} query texts for a batch of {batch}")
 
         rows: list[list[tuple[tuple[int, int, int], tuple[int, int], NodeStates]]] = []
-        if shared and qkeys is None and row_chunks[0] == row_chunks[-1]:
+        if shared and qkeys is None and row_chunks[0] == row_chunks[-1] and cfg.policy != "lexical":
             rows = [self.select(trees[0], None, chunks=row_chunks[0], generator=generator)] * batch
         else:
             for b in range(batch):
-                rows.append(self.select(trees[b], None if qkeys is None else qkeys[b], chunks=row_chunks[b], generator=generator))
+                rows.append(
+                    self.select(trees[b], None if qkeys is None else qkeys[b], chunks=row_chunks[b], generator=generator, query_text=texts[b])
+                )
         if all(not r for r in rows):
             return None
         return self._assemble(rows)
@@ -498,7 +536,7 @@ class SharedLLM(nn.Module):
         if context is not None:
             tree = self.context_tree(context)
             with torch.no_grad():
-                injection = self.prepare_injection(tree, ids)
+                injection = self.prepare_injection(tree, ids, query_text=prompt if isinstance(prompt, str) else None)
         t_inject = time.perf_counter()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         tok = self.tokenizer

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from .ops.sampling import split_point
-from .ops.scoring import cosine_scores
+from .ops.scoring import BM25, cosine_scores
 from .tree import NodeId
 
 __all__ = ["Walk", "walk_trees", "make_chooser", "rank_chunks"]
@@ -21,6 +21,8 @@ __all__ = ["Walk", "walk_trees", "make_chooser", "rank_chunks"]
 Span = tuple[int, int]
 #: ``keys_fn(node_ids, spans) -> (N, hidden)`` keys of the given nodes
 KeysFn = Callable[[Sequence[NodeId], Sequence[Span]], torch.Tensor]
+#: ``texts_fn(node_ids, spans) -> list[str]`` text of the given nodes
+TextsFn = Callable[[Sequence[NodeId], Sequence[Span]], list[str]]
 #: ``choose(level, left_ids, left_spans, right_ids, right_spans) -> list[bool]`` True expands the right child
 Chooser = Callable[[int, list[NodeId], list[Span], list[NodeId], list[Span]], list[bool]]
 
@@ -41,9 +43,14 @@ def make_chooser(
     query_key: torch.Tensor | None = None,
     keys_fn: KeysFn | None = None,
     generator: torch.Generator | None = None,
+    query_text: str | None = None,
+    texts_fn: TextsFn | None = None,
+    lexicon: BM25 | None = None,
 ) -> Chooser:
     """A chooser for ``policy``: ``right``/``left`` always expand that child; ``random`` flips a coin from
-    ``generator``; ``query`` expands the child whose key has the higher cosine with ``query_key`` (ties go right)."""
+    ``generator``; ``query`` expands the child whose key has the higher cosine with ``query_key``; ``lexical``
+    the child whose text (``texts_fn``) has the higher BM25 score for ``query_text`` under ``lexicon``'s term
+    statistics. Ties go right."""
     if policy == "right":
         return lambda level, li, ls, ri, rs: [True] * len(li)
     if policy == "left":
@@ -65,7 +72,17 @@ def make_chooser(
             return (scores[n:] >= scores[:n]).tolist()
 
         return choose_query
-    raise ValueError(f"unknown policy {policy!r}; use 'query', 'right', 'left' or 'random'")
+    if policy == "lexical":
+        if query_text is None or texts_fn is None or lexicon is None:
+            raise ValueError("the 'lexical' policy needs the query text, node texts and a BM25 lexicon")
+
+        def choose_lexical(level, li, ls, ri, rs):
+            scores = lexicon.scores(query_text, texts_fn(li + ri, ls + rs))
+            n = len(li)
+            return (scores[n:] >= scores[:n]).tolist()
+
+        return choose_lexical
+    raise ValueError(f"unknown policy {policy!r}; use 'query', 'lexical', 'right', 'left' or 'random'")
 
 
 def walk_trees(
@@ -110,16 +127,20 @@ def walk_trees(
 
 
 def rank_chunks(
-    query_key: torch.Tensor,
-    root_keys: torch.Tensor,
+    query_key: torch.Tensor | None = None,
+    root_keys: torch.Tensor | None = None,
     *,
+    scores: torch.Tensor | None = None,
     top_k: int | None = None,
     states_per_chunk: Sequence[int] | None = None,
     max_states: int | None = None,
 ) -> list[int]:
     """Indices of the chunks to inject, best first: by cosine of each chunk root key ``(n, hidden)`` with the
-    query, at most ``top_k`` of them and at most ``max_states`` injected states in all."""
-    scores = cosine_scores(query_key, root_keys)
+    query (or by given ``scores``), at most ``top_k`` of them and at most ``max_states`` injected states in all."""
+    if scores is None:
+        if query_key is None or root_keys is None:
+            raise ValueError("rank_chunks needs a query key and root keys, or scores")
+        scores = cosine_scores(query_key, root_keys)
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     limit = len(order) if top_k is None else min(top_k, len(order))
     chosen: list[int] = []

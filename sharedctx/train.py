@@ -52,12 +52,16 @@ class TrainConfig:
         tasks: mixing weights: ``lm``, ``passkey``, ``kv``, ``needle``, ``chunk_mention``, ``instruction``.
         task_chunks: ``[min, max]`` chunks of context for the synthetic tasks.
         instruction_file: JSONL of ``{"context": ..., "question": ..., "answer": ...}`` for the ``instruction`` task.
+        init_adapter: an adapter folder to start from (fine-tuning: e.g. another policy or other tasks) instead of
+            the identity; it must fit the base model and ``sharedctx`` shapes.
         trainable: ``injection`` (the cross-attention blocks) or ``injection+gates`` only gates, etc. (see `_select_params`).
         steps: optimiser steps; batch_size rows per micro-batch; grad_accum micro-batches per step.
         lr, gate_lr, warmup, min_lr_ratio, weight_decay, clip: AdamW and schedule.
         device: ``cpu``, ``cuda``...; autocast: ``bf16`` on CUDA (``none`` to disable; ignored on the CPU).
         threads: torch CPU threads (0 leaves torch's default).
         max_time_s: stop (saving a checkpoint and the adapter) after this much wall time; 0 for no limit.
+        stop_at_step: stop (saving a checkpoint and the adapter) once this step is done, keeping the schedule of
+            ``steps`` (a first phase of a longer run); 0 runs to ``steps``.
     """
 
     model: str | None = None
@@ -71,6 +75,7 @@ class TrainConfig:
     tasks: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})
     task_chunks: list[int] = field(default_factory=lambda: [1, 4])
     instruction_file: str | None = None
+    init_adapter: str | None = None
     trainable: str = "injection"
     steps: int = 1000
     batch_size: int = 1
@@ -88,6 +93,7 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 50
     max_time_s: float = 0.0
+    stop_at_step: int = 0
     progress: bool = True
     note: str = ""
 
@@ -123,7 +129,7 @@ class TrainConfig:
 
 def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """Read a recipe from ``.toml``, ``.json`` or ``.yaml``/``.yml`` (YAML needs pyyaml); relative paths in
-    ``data``, ``sources``, ``out_dir`` and ``instruction_file`` are resolved against the recipe's folder."""
+    ``data``, ``sources``, ``out_dir``, ``instruction_file`` and ``init_adapter`` are resolved against the recipe's folder."""
     path = Path(path)
     text = path.read_text()
     suffix = path.suffix.lower()
@@ -150,7 +156,7 @@ def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     def resolve(p: str) -> str:
         return p if os.path.isabs(p) else os.path.normpath(base / p)
 
-    for key in ("data", "out_dir", "instruction_file"):
+    for key in ("data", "out_dir", "instruction_file", "init_adapter"):
         if data.get(key) and key not in overrides:
             data[key] = resolve(data[key])
     if "sources" in data:
@@ -214,6 +220,9 @@ class Trainer:
             llm = SharedLLM.from_pretrained(
                 config.model or None, adapter=False, config=SharedCtxConfig.from_dict(config.sharedctx), device=config.device
             )
+        if config.init_adapter:
+            llm.load_adapter(config.init_adapter)
+            logger.warning("starting from the adapter in %s", config.init_adapter)
         self.llm = llm
         self.device = torch.device(llm.device)
         self.shards = shards if shards is not None else self._shards()
@@ -413,6 +422,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", avg=f"{np.mean(recent):.3f}", tps=rec["tok_per_s"])
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+                if cfg.stop_at_step and self.step >= cfg.stop_at_step:
+                    logger.warning("stopping at step %d (stop_at_step) of a %d-step schedule", self.step, cfg.steps)
+                    break
                 if cfg.max_time_s and time.perf_counter() - start_wall > cfg.max_time_s:
                     logger.warning("stopping at step %d: max_time_s=%s reached", self.step, cfg.max_time_s)
                     break

@@ -61,7 +61,7 @@ def test_decoding_equals_full_forward(arch, positions):
     torch.testing.assert_close(incremental, full, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["query", "right", "left", "random"])
+@pytest.mark.parametrize("policy", ["query", "lexical", "right", "left", "random"])
 @pytest.mark.parametrize("n_ctx", [32, 101, 130])
 def test_precomputed_equals_on_the_fly(policy, n_ctx):
     llm = make_llm(gates=1.0, policy=policy)

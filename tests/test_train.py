@@ -94,6 +94,26 @@ def test_checkpoint_resume_is_exact(tmp_path, shards):
     assert log_a[2:] == log_b
 
 
+def test_init_adapter_starts_from_saved_weights(tmp_path, shards):
+    first = Trainer(_config(tmp_path / "a", steps=2), llm=make_llm(**SMALL), shards=shards)
+    first.fit()
+    saved = {n: p.detach().clone() for n, p in first.llm.injection.named_parameters()}
+    # fine-tune under another policy: the weights start where the first run ended
+    second = Trainer(_config(tmp_path / "b", steps=1, init_adapter=str(tmp_path / "a" / "run" / "adapter"), sharedctx={**SMALL, "policy": "lexical"}),
+                     llm=make_llm(**{**SMALL, "policy": "lexical"}), shards=shards)
+    for n, p in second.llm.injection.named_parameters():
+        assert torch.equal(p, saved[n]), n
+    assert second.fit()["steps"] == 1
+    # a first phase: stops at step 1 of a 4-step schedule, and resuming finishes the schedule
+    phase = Trainer(_config(tmp_path / "d", steps=4, stop_at_step=1), llm=make_llm(**SMALL), shards=shards)
+    assert phase.fit()["steps"] == 1
+    rest = Trainer(_config(tmp_path / "d", steps=4), llm=make_llm(**SMALL), shards=shards)
+    assert rest.resume() and rest.fit()["steps"] == 4
+    other = make_llm(**{**SMALL, "injection_layers": 1})
+    with pytest.raises(Exception, match="injection_layers"):
+        Trainer(_config(tmp_path / "c", init_adapter=str(tmp_path / "a" / "run" / "adapter")), llm=other, shards=shards)
+
+
 def test_lr_schedule():
     assert lr_factor(0, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(9, warmup=10, total=100, min_ratio=0.1) == pytest.approx(1.0)
@@ -125,7 +145,7 @@ def test_recipes_parse_in_every_format(tmp_path):
         TrainConfig(tasks={"lm": 1, "sudoku": 1})
 
 
-@pytest.mark.parametrize("name", ["smollm2-cpu.toml", "smollm2-gpu.toml"])
+@pytest.mark.parametrize("name", ["smollm2-cpu.toml", "smollm2-cpu-retrieval.toml", "smollm2-cpu-retrieval-lexical.toml", "smollm2-gpu.toml"])
 def test_shipped_recipes_parse(name):
     cfg = load_recipe(RECIPES / name)
     assert cfg.sharedctx["chunk_size"] == 1024 and "books/pride_and_prejudice.txt" in cfg.holdout
