@@ -38,6 +38,7 @@ VARIANTS = [
     ("policy", "right", {"policy": "right"}, None),
     ("policy", "left", {"policy": "left"}, None),
     ("policy", "random", {"policy": "random"}, None),
+    ("policy", "lexical", {"policy": "lexical"}, None),
     ("positions", "positions=none", {"positions": "none"}, None),
     ("sampling", "start-aligned", {"sampling": "start"}, None),
     ("budget", "top_k=2 chunks", {"policy": "query"}, {"top_k": 2}),

@@ -13,7 +13,9 @@ the question and records the rank of the chunk that holds the (first) answer. Sc
 - ``mean_l{L}``: mean over the chunk's tokens of the normed hidden states after layer ``L``, minus the mean over the
   document's chunks; the question's tokens alone (no template), same layer and centring; cosine. No training.
 - ``maxleaf_l{L}``: as ``mean_l{L}`` over the chunk's 8 leaves (C/8 tokens each); a chunk scores its best leaf.
-- ``bm25``: BM25 (bm25s) over the chunks' text, the question as the query (a lexical reference, not a node key).
+- ``lexical``: the library's ``lexical`` policy (`sharedctx.ops.scoring.BM25` over the chunks' text, the question's
+  words), what `ContextIndex` ranks chunks by with ``policy="lexical"``.
+- ``bm25``: BM25 from bm25s (English stop words) over the same texts, an outside reference for ``lexical``.
 
 Recall@k = the fraction of trials whose answer chunk ranks in the top k (k = 1, 2 = the text mode's default
 budget, 8 = the index's default ``top_k``). Writes benchmarks/results/selection.json and .png.
@@ -72,12 +74,15 @@ def chunk_scores(llm, ids: torch.Tensor, question: str, chunk: int, layers: list
         leaves = h[:, : 8 * leaf].reshape(n, 8, leaf, -1).mean(2)  # (n, 8, H)
         lc = leaves.reshape(-1, leaves.shape[-1]).mean(0)
         scores[f"maxleaf_l{layer}"] = cosine(q - lc, leaves - lc).max(dim=1).values
+    from sharedctx.ops.scoring import BM25
+
+    scores["lexical"] = BM25(texts).scores(question)
     try:
         import bm25s
 
         retriever = bm25s.BM25()
-        retriever.index(bm25s.tokenize(texts, show_progress=False), show_progress=False)
-        docs, vals = retriever.retrieve(bm25s.tokenize([question], show_progress=False), k=n, show_progress=False)
+        retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+        docs, vals = retriever.retrieve(bm25s.tokenize([question], stopwords="en", show_progress=False), k=n, show_progress=False)
         bm = np.zeros(n)
         bm[docs[0]] = vals[0]
         scores["bm25"] = torch.tensor(bm)

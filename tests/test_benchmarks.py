@@ -116,7 +116,7 @@ def test_selection_quick(bench):
 
     r = bench_selection.main(_args(bench, "--lengths", "512", "--tasks", "passkey", "niah_single", "--layers", "1"))
     assert r["trials"] and all(t["answer_chunk"] < t["chunks"] for t in r["trials"])
-    assert {"design", "mean_l1", "maxleaf_l1", "bm25"} <= set(r["summary"])
+    assert {"design", "mean_l1", "maxleaf_l1", "lexical", "bm25"} <= set(r["summary"])
     for per in r["summary"].values():
         cell = per["512"]
         assert 0.0 <= cell["recall@1"] <= cell["recall@2"] <= cell["recall@8"] <= 1.0
