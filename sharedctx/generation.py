@@ -161,15 +161,18 @@ class MicroBatcher:
     queries. A request arriving at an idle worker waits at most ``max_wait_s`` for company, then runs; requests
     arriving while a batch runs queue up and form the next batch (at most ``max_batch`` items). When a batch
     fails, each of its items is run alone, so an error reaches only the caller whose item caused it.
-    ``stats`` counts batches, items and the largest batch.
+    ``stats`` counts batches, items and the largest batch. The worker thread starts with the first request and
+    ends after ``idle_s`` seconds without one (so a forgotten batcher holds no thread), starting again when needed.
     """
 
-    def __init__(self, run: Callable[[list[Any]], list[Any]], *, max_batch: int = 8, max_wait_s: float = 0.002, name: str = "sharedctx-batcher") -> None:
+    def __init__(
+        self, run: Callable[[list[Any]], list[Any]], *, max_batch: int = 8, max_wait_s: float = 0.002, idle_s: float = 10.0, name: str = "sharedctx-batcher"
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
-        self.run, self.max_batch, self.max_wait_s, self.name = run, max_batch, max_wait_s, name
+        self.run, self.max_batch, self.max_wait_s, self.idle_s, self.name = run, max_batch, max_wait_s, idle_s, name
         self.stats = {"batches": 0, "items": 0, "largest": 0}
         self._queue: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -201,7 +204,14 @@ class MicroBatcher:
         import time
 
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=self.idle_s)
+            except queue.Empty:
+                with self._lock:  # submit() puts under this lock: nothing can arrive unseen between the check and the exit
+                    if self._queue.empty():
+                        self._worker = None
+                        return
+                continue
             if first is None:
                 return
             batch, stop = [first], False

@@ -159,6 +159,16 @@ def test_microbatcher_lone_item_and_close():
         MicroBatcher(lambda items: items, max_batch=0)
 
 
+def test_microbatcher_worker_ends_when_idle_and_restarts():
+    batcher = MicroBatcher(lambda items: [x + 1 for x in items], max_batch=2, max_wait_s=0.001, idle_s=0.05)
+    assert batcher.submit(1) == 2
+    worker = batcher._worker
+    worker.join(timeout=5)
+    assert not worker.is_alive() and batcher._worker is None
+    assert batcher.submit(2) == 3  # a new worker serves later requests
+    batcher.close()
+
+
 def test_microbatcher_reports_a_wrong_number_of_results():
     batcher = MicroBatcher(lambda items: [], max_batch=2, max_wait_s=0.001)
     with pytest.raises(RuntimeError, match="returned 0 results for 1 items"):
