@@ -72,6 +72,9 @@ def finding_rows(data: dict) -> list[str]:
         if system in data.get("skipped", {}):
             cells += "; " + "; ".join(sorted(set(data["skipped"][system].values())))
         note = f"; {_adapter(data)}" if system.startswith("sharedctx_latent") else ""
+        policy = (data.get("config") or {}).get("policy")
+        if system.startswith("sharedctx") and policy:
+            note = f"; policy {policy}{note}"
         rows.append(f"| finding things, {system}: mean score over {n_trials} trials a length ({', '.join(data['tasks'])}){note} | {cells} | {cmd} | {mach} |")
     for system, reason in data.get("not_run", {}).items():
         short = reason if len(reason) <= 160 else reason[:160] + "…"
