@@ -90,6 +90,10 @@ class ContextIndex:
         max_batch_queries: `query` calls made at the same time from several threads share one batched forward
             (prefill and decoding), at most this many per batch; 1 runs each call on its own.
         batch_wait_s: how long a query arriving at an idle model waits for others to share its batch.
+        policy: how chunks are ranked and trees walked for a question (default: the model's ``config.policy``).
+            ``lexical`` ranks chunks and expands children by BM25 of their text for the question's words;
+            ``query`` by cosine of hidden-state keys (the paper's); ``right``/``left``/``random`` rank by keys and
+            walk blindly. `benchmarks/bench_selection.py` measures how often each puts the answer's chunk first.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class ContextIndex:
         min_fill: float = 0.75,
         max_batch_queries: int = 8,
         batch_wait_s: float = 0.002,
+        policy: str | None = None,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -112,8 +117,12 @@ class ContextIndex:
             raise ValueError(f"batch_chunks must be >= 1, got {batch_chunks}")
         if max_batch_queries < 1:
             raise ValueError(f"max_batch_queries must be >= 1, got {max_batch_queries}")
-        if expand_margin is not None and llm.config.policy not in ("query", "lexical"):
-            raise ValueError(f"expand_margin needs the 'query' or 'lexical' policy, not {llm.config.policy!r}")
+        policy = llm.config.policy if policy is None else policy
+        if policy not in ("query", "lexical", "right", "left", "random"):
+            raise ValueError(f"policy must be 'query', 'lexical', 'right', 'left' or 'random', got {policy!r}")
+        if expand_margin is not None and policy not in ("query", "lexical"):
+            raise ValueError(f"expand_margin needs the 'query' or 'lexical' policy, not {policy!r}")
+        self.policy = policy
         if llm.tokenizer is None:
             raise ValueError("a ContextIndex needs a SharedLLM with a tokenizer (documents are text)")
         self.llm = llm
@@ -511,7 +520,7 @@ class ContextIndex:
         if not entries:
             raise InputError(f"the index {self.directory} holds no documents; add some first")
         cfg = self.llm.config
-        lexicon = self._lexicon(entries) if cfg.policy == "lexical" else None
+        lexicon = self._lexicon(entries) if self.policy == "lexical" else None
         if lexicon is not None:
             chunk_scores = lexicon.scores(question)
 
@@ -535,12 +544,12 @@ class ContextIndex:
 
         if self.expand_margin is None:
             gen = torch.Generator().manual_seed(cfg.seed)
-            if cfg.policy in ("query", "lexical"):
+            if self.policy in ("query", "lexical"):
                 def chooser(level, li, ls, ri, rs):
                     sc = node_scores(li + ri, ls + rs)
                     return (sc[len(li) :] >= sc[: len(li)]).tolist()
             else:
-                chooser = make_chooser(cfg.policy, generator=gen)
+                chooser = make_chooser(self.policy, generator=gen)
             walked = walk_trees(spans, cfg.tree_height, chooser).nodes()
         else:
             walked = [item for r in sorted(spans) for item in _walk_margin(r, spans[r], node_scores, cfg.tree_height, self.expand_margin)]

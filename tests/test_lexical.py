@@ -99,3 +99,20 @@ def test_expand_margin_with_lexical_scores(tmp_path):
     # siblings tie at 0 away from the needle, so they are expanded both: more leaves than a single walk keeps
     assert sum(c.level == 3 for c in cites) > 2
     index.close()
+
+
+def test_index_policy_overrides_the_model_policy(tmp_path):
+    llm = make_llm(gates=1.0, policy="right", chunk_size=256, tree_height=3, node_keep=4)
+    index = ContextIndex(llm, tmp_path / "ix", top_k=1, policy="lexical")
+    for i in range(3):
+        index.add((FILLER * 20) + f"Document {i} ends. ", doc_id=f"plain{i}")
+    text, _ = _text_with_needle(2000, 0.6, " zebra lantern ")
+    index.add(text, doc_id="needle")
+    best = index.retrieve("Where does the zebra lantern glow?")[0]
+    assert best.doc_id == "needle" and "zebra" in best.text and best.level == 3
+    assert llm.config.policy == "right"  # the model is untouched
+    index.close()
+    with pytest.raises(ValueError, match="policy must be"):
+        ContextIndex(llm, tmp_path / "other", policy="bm25")
+    with pytest.raises(ValueError, match="expand_margin needs"):
+        ContextIndex(llm, tmp_path / "other2", expand_margin=0.1)
