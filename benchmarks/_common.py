@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from sharedctx.config import POLICIES
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`: use this checkout's sharedctx
@@ -78,7 +80,7 @@ def add_model_args(ap, *, lengths: list[int]) -> None:  # noqa: D401
     ap.add_argument("--adapter", default=None, help="adapter folder; 'none' for the identity adapter (default: the shipped one, if any)")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, metavar="N", help=f"context lengths in tokens (default {lengths}; smaller with --quick)")
     ap.add_argument("--chunk-size", type=int, default=None, help="override the chunk size C (tiny models in tests)")
-    ap.add_argument("--policy", default=None, choices=["query", "lexical", "right", "left", "random"], help="walk policy (default: the adapter's)")
+    ap.add_argument("--policy", default=None, choices=POLICIES, help="walk policy (default: the adapter's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="folder for JSON and PNG (default benchmarks/results)")

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .config import POLICIES
+
 __all__ = ["main"]
 
 UNTRAINED_NOTE = (
@@ -28,7 +30,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="C, tokens per chunk (default 1024)")
     p.add_argument("--tree-height", type=int, default=None, help="h, levels of splitting (default 3)")
     p.add_argument("--node-keep", type=int, default=None, help="states kept per node (default 32)")
-    p.add_argument("--policy", choices=["query", "lexical", "right", "left", "random"], default=None,
+    p.add_argument("--policy", choices=POLICIES, default=None,
                    help="which child of each node to expand: query (node keys, default), lexical (BM25 of node text), right, left, random")
 
 

@@ -7,13 +7,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["SharedCtxConfig", "LOWER_FIELDS"]
+__all__ = ["SharedCtxConfig", "LOWER_FIELDS", "POLICIES"]
 
 Policy = Literal["query", "lexical", "right", "left", "random"]
 Positions = Literal["chunk", "none"]
 Sampling = Literal["end", "start"]
 
-_POLICIES = ("query", "lexical", "right", "left", "random")
+#: the walk policies (see `SharedCtxConfig.policy`)
+POLICIES = ("query", "lexical", "right", "left", "random")
 _POSITIONS = ("chunk", "none")
 _SAMPLING = ("end", "start")
 _GATES = ("tanh", "linear")
@@ -74,8 +75,8 @@ class SharedCtxConfig:
                 f"chunk_size={self.chunk_size} is too small for tree_height={self.tree_height}: every split "
                 f"needs at least one token per child, so use chunk_size >= {2**self.tree_height} or a lower tree_height"
             )
-        if self.policy not in _POLICIES:
-            raise ValueError(f"SharedCtxConfig.policy must be one of {_POLICIES}, got {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"SharedCtxConfig.policy must be one of {POLICIES}, got {self.policy!r}")
         if self.positions not in _POSITIONS:
             raise ValueError(f"SharedCtxConfig.positions must be one of {_POSITIONS}, got {self.positions!r}")
         if self.sampling not in _SAMPLING:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 from concurrent.futures import Future
@@ -11,7 +12,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["SamplingOptions", "sample_next", "StopMatcher", "iterate_in_thread", "MicroBatcher"]
+__all__ = ["SamplingOptions", "SAMPLING_FIELDS", "sample_next", "StopMatcher", "iterate_in_thread", "MicroBatcher"]
 
 
 @dataclass
@@ -38,6 +39,10 @@ class SamplingOptions:
             self.stop = (self.stop,)
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+
+
+#: the options a generation call takes for sampling (the fields of `SamplingOptions`)
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingOptions))
 
 
 def sample_next(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
@@ -230,29 +235,25 @@ class MicroBatcher:
                 return
 
     def _run(self, batch: list[tuple[Any, Future]]) -> None:
-        items = [item for item, _ in batch]
         self.stats["batches"] += 1
-        self.stats["items"] += len(items)
-        self.stats["largest"] = max(self.stats["largest"], len(items))
+        self.stats["items"] += len(batch)
+        self.stats["largest"] = max(self.stats["largest"], len(batch))
+        self._execute(batch, isolate=len(batch) > 1)
+
+    def _execute(self, batch: list[tuple[Any, Future]], *, isolate: bool) -> None:
+        """Run ``batch`` and settle its futures; when it fails and ``isolate``, run each item alone to find whose
+        item fails, so only that caller gets the error."""
+        items = [item for item, _ in batch]
         try:
             results = self.run(items)
             if len(results) != len(items):
                 raise RuntimeError(f"{self.name}: run() returned {len(results)} results for {len(items)} items")
         except BaseException as exc:  # noqa: BLE001 - handed to the callers
-            if len(batch) == 1:
-                batch[0][1].set_exception(exc)
-                return
-            for pair in batch:  # find whose item fails: each alone
-                self._run_alone(*pair)
+            for pair in batch:
+                if isolate:
+                    self._execute([pair], isolate=False)
+                else:
+                    pair[1].set_exception(exc)
             return
         for (_, future), result in zip(batch, results):
             future.set_result(result)
-
-    def _run_alone(self, item: Any, future: Future) -> None:
-        try:
-            results = self.run([item])
-            if len(results) != 1:
-                raise RuntimeError(f"{self.name}: run() returned {len(results)} results for 1 items")
-            future.set_result(results[0])
-        except BaseException as exc:  # noqa: BLE001
-            future.set_exception(exc)

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from .chunking import chunk_text
+from .config import POLICIES
 from .documents import (
     AddResult,
     Answer,
@@ -45,7 +46,7 @@ from .documents import (
     read_document,
 )
 from .errors import InputError
-from .generation import MicroBatcher, SamplingOptions
+from .generation import SAMPLING_FIELDS, MicroBatcher, SamplingOptions
 from .model import SharedLLM
 from .ops.scoring import BM25, cosine_scores
 from .policy import make_chooser, rank_chunks, walk_trees
@@ -67,7 +68,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODES = ("latent", "text", "hybrid")
-_SAMPLING = {"temperature", "top_k", "top_p", "stop", "seed"}
 _FORMAT = "sharedctx-index-1"
 _TEXT_PROMPT = "Answer the question using the context passages.\n\n{passages}\n\nQuestion: {question}"
 
@@ -118,8 +118,8 @@ class ContextIndex:
         if max_batch_queries < 1:
             raise ValueError(f"max_batch_queries must be >= 1, got {max_batch_queries}")
         policy = llm.config.policy if policy is None else policy
-        if policy not in ("query", "lexical", "right", "left", "random"):
-            raise ValueError(f"policy must be 'query', 'lexical', 'right', 'left' or 'random', got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if expand_margin is not None and policy not in ("query", "lexical"):
             raise ValueError(f"expand_margin needs the 'query' or 'lexical' policy, not {policy!r}")
         self.policy = policy
@@ -543,13 +543,7 @@ class ContextIndex:
             return score_fn([(*entries[kept[r]], sp, loaded[r][(lv, ix)]) for (r, lv, ix), sp in zip(node_ids, node_spans)])
 
         if self.expand_margin is None:
-            gen = torch.Generator().manual_seed(cfg.seed)
-            if self.policy in ("query", "lexical"):
-                def chooser(level, li, ls, ri, rs):
-                    sc = node_scores(li + ri, ls + rs)
-                    return (sc[len(li) :] >= sc[: len(li)]).tolist()
-            else:
-                chooser = make_chooser(self.policy, generator=gen)
+            chooser = make_chooser(self.policy, scores_fn=node_scores, generator=torch.Generator().manual_seed(cfg.seed))
             walked = walk_trees(spans, cfg.tree_height, chooser).nodes()
         else:
             walked = [item for r in sorted(spans) for item in _walk_margin(r, spans[r], node_scores, cfg.tree_height, self.expand_margin)]
@@ -680,12 +674,12 @@ class ContextIndex:
             citations = stats.pop("citations")
             timings = stats.pop("timings")
             return Answer(text=text, citations=citations, stats=stats, timings=timings)
-        known = {"top_k_chunks", "max_injected_states", "max_new_tokens", "prompt", "chat", "system"} | _SAMPLING
+        known = {"top_k_chunks", "max_injected_states", "prompt", "chat", "system"} | SAMPLING_FIELDS
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown query options {unknown}; known: {sorted(known)}")
         max_new_tokens = options.get("max_new_tokens", 256)
-        sampling = {k: options[k] for k in _SAMPLING if k in options}
+        sampling = {k: options[k] for k in SAMPLING_FIELDS if k in options}
         sampling["max_new_tokens"] = max_new_tokens
         SamplingOptions(**sampling)  # invalid options fail here, in the caller, not in a shared batch
         prep = self._prepare(question, mode, options.get("top_k_chunks"), options.get("max_injected_states"), max_new_tokens, options.get("prompt"))

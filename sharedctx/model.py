@@ -17,10 +17,10 @@ from . import __version__
 from .config import LOWER_FIELDS, SharedCtxConfig
 from .encoder import LowerEncoder, cache_kwarg
 from .errors import AdapterMismatchError, ContextMismatchError, PromptTooLongError
-from .generation import SamplingOptions, StopMatcher, sample_next, token_stream
+from .generation import SAMPLING_FIELDS, SamplingOptions, StopMatcher, sample_next, token_stream
 from .injection import Injection, attach, injecting
 from .models import DEFAULT_MODEL_NAME, base_fingerprint, check_supported, load_base_model
-from .ops.scoring import BM25
+from .ops.scoring import BM25, cosine_scores
 from .policy import make_chooser, walk_trees
 from .tree import ContextTree, InjectedNode, NodeStates
 
@@ -257,6 +257,10 @@ class SharedLLM(nn.Module):
             return tree.text[chars[0] : chars[1]]  # type: ignore[index]
         return self._require_tokenizer().decode(tree.input_ids[start:end].tolist(), skip_special_tokens=True)
 
+    def tree_lexicon(self, tree: ContextTree) -> BM25:
+        """BM25 statistics over the text of the tree's chunks (what the ``lexical`` policy scores nodes under)."""
+        return BM25([self.span_text(tree, s, e) for s, e in tree.spans])
+
     def select(
         self,
         tree: ContextTree,
@@ -265,10 +269,12 @@ class SharedLLM(nn.Module):
         chunks: Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         query_text: str | None = None,
+        lexicon: BM25 | None = None,
     ) -> list[tuple[tuple[int, int, int], tuple[int, int], NodeStates]]:
         """Walk the trees of ``chunks`` (all by default) and return the preserved nodes with their states.
 
-        ``query_key`` serves the ``query`` policy; ``query_text`` the ``lexical`` one (BM25 over the tree's chunks)."""
+        ``query_key`` serves the ``query`` policy; ``query_text`` the ``lexical`` one, scored under ``lexicon``
+        (default: BM25 statistics of the tree's chunks)."""
         cfg = self.config
         spans = tree.spans
         chunk_ids = range(len(spans)) if chunks is None else chunks
@@ -283,21 +289,25 @@ class SharedLLM(nn.Module):
         noise = cfg.split_noise if (self.training and not tree.precomputed) else 0.0
         ids = tree.input_ids
 
-        if tree.precomputed:
-            def keys_fn(node_ids, node_spans):
-                return torch.stack([tree.nodes[n].key for n in node_ids])
-        else:
-            def keys_fn(node_ids, node_spans):
-                return self.encoder.node_keys(ids, node_spans)
+        scores_fn = None
+        if cfg.policy == "query":
+            if query_key is None:
+                raise ValueError("the 'query' policy needs a query key")
+            if tree.precomputed:
+                def scores_fn(node_ids, node_spans):
+                    return cosine_scores(query_key, torch.stack([tree.nodes[n].key for n in node_ids]))
+            else:
+                def scores_fn(node_ids, node_spans):
+                    return cosine_scores(query_key, self.encoder.node_keys(ids, node_spans))
+        elif cfg.policy == "lexical":
+            if query_text is None:
+                raise ValueError("the 'lexical' policy needs the query text")
+            lexicon = lexicon if lexicon is not None else self.tree_lexicon(tree)
 
-        lexical: dict[str, Any] = {}
-        if cfg.policy == "lexical":
-            lexical = {
-                "query_text": query_text,
-                "lexicon": BM25([self.span_text(tree, s, e) for s, e in spans]),
-                "texts_fn": lambda node_ids, node_spans: [self.span_text(tree, s, e) for s, e in node_spans],
-            }
-        chooser = make_chooser(cfg.policy, query_key=query_key, keys_fn=keys_fn, generator=generator, **lexical)
+            def scores_fn(node_ids, node_spans):
+                return lexicon.scores(query_text, [self.span_text(tree, s, e) for s, e in node_spans])
+
+        chooser = make_chooser(cfg.policy, scores_fn=scores_fn, generator=generator)
         walk = walk_trees({c: spans[c] for c in chunk_ids}, cfg.tree_height, chooser, split_noise=noise, generator=generator)
         nodes = walk.nodes()
         if tree.precomputed:
@@ -347,13 +357,18 @@ class SharedLLM(nn.Module):
                 if len(texts) != batch:
                     raise ValueError(f"got {len(texts)} query texts for a batch of {batch}")
 
+        # one set of BM25 statistics per distinct tree, however many rows read it
+        lexicons = {id(t): self.tree_lexicon(t) for t in trees} if cfg.policy == "lexical" else {}
         rows: list[list[tuple[tuple[int, int, int], tuple[int, int], NodeStates]]] = []
         if shared and qkeys is None and row_chunks[0] == row_chunks[-1] and cfg.policy != "lexical":
             rows = [self.select(trees[0], None, chunks=row_chunks[0], generator=generator)] * batch
         else:
             for b in range(batch):
                 rows.append(
-                    self.select(trees[b], None if qkeys is None else qkeys[b], chunks=row_chunks[b], generator=generator, query_text=texts[b])
+                    self.select(
+                        trees[b], None if qkeys is None else qkeys[b], chunks=row_chunks[b], generator=generator,
+                        query_text=texts[b], lexicon=lexicons.get(id(trees[b])),
+                    )
                 )
         if all(not r for r in rows):
             return None
@@ -626,12 +641,11 @@ class SharedLLM(nn.Module):
             options = [dict(options or {})] * n
         if len(options) != n:
             raise ValueError(f"got {len(options)} option dicts for {n} prompts")
-        allowed = {"max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed"}
         opts = []
         for o in options:
-            unknown = sorted(set(o) - allowed)
+            unknown = sorted(set(o) - SAMPLING_FIELDS)
             if unknown:
-                raise TypeError(f"unknown generation options {unknown}; known: {sorted(allowed)}")
+                raise TypeError(f"unknown generation options {unknown}; known: {sorted(SAMPLING_FIELDS)}")
             opts.append(SamplingOptions(**{"max_new_tokens": 256, **o}))
         t0 = time.perf_counter()
         rows = [self._prompt_ids(p, chat, system)[0] for p in prompts]

@@ -13,16 +13,13 @@ from typing import Callable, Sequence
 import torch
 
 from .ops.sampling import split_point
-from .ops.scoring import BM25, cosine_scores
 from .tree import NodeId
 
 __all__ = ["Walk", "walk_trees", "make_chooser", "rank_chunks"]
 
 Span = tuple[int, int]
-#: ``keys_fn(node_ids, spans) -> (N, hidden)`` keys of the given nodes
-KeysFn = Callable[[Sequence[NodeId], Sequence[Span]], torch.Tensor]
-#: ``texts_fn(node_ids, spans) -> list[str]`` text of the given nodes
-TextsFn = Callable[[Sequence[NodeId], Sequence[Span]], list[str]]
+#: ``scores_fn(node_ids, spans) -> (N,)`` how well each given node matches the query (higher is better)
+ScoresFn = Callable[[Sequence[NodeId], Sequence[Span]], torch.Tensor]
 #: ``choose(level, left_ids, left_spans, right_ids, right_spans) -> list[bool]`` True expands the right child
 Chooser = Callable[[int, list[NodeId], list[Span], list[NodeId], list[Span]], list[bool]]
 
@@ -37,20 +34,10 @@ class Walk:
         return [item for chunk in sorted(self.preserved) for item in self.preserved[chunk]]
 
 
-def make_chooser(
-    policy: str,
-    *,
-    query_key: torch.Tensor | None = None,
-    keys_fn: KeysFn | None = None,
-    generator: torch.Generator | None = None,
-    query_text: str | None = None,
-    texts_fn: TextsFn | None = None,
-    lexicon: BM25 | None = None,
-) -> Chooser:
+def make_chooser(policy: str, *, scores_fn: ScoresFn | None = None, generator: torch.Generator | None = None) -> Chooser:
     """A chooser for ``policy``: ``right``/``left`` always expand that child; ``random`` flips a coin from
-    ``generator``; ``query`` expands the child whose key has the higher cosine with ``query_key``; ``lexical``
-    the child whose text (``texts_fn``) has the higher BM25 score for ``query_text`` under ``lexicon``'s term
-    statistics. Ties go right."""
+    ``generator``; ``query`` and ``lexical`` expand the child that ``scores_fn`` scores higher (ties go right):
+    cosine of node keys with the query key, or BM25 of node texts for the question's words."""
     if policy == "right":
         return lambda level, li, ls, ri, rs: [True] * len(li)
     if policy == "left":
@@ -61,27 +48,16 @@ def make_chooser(
             return [bool(b) for b in torch.randint(0, 2, (len(li),), generator=generator).tolist()]
 
         return choose_random
-    if policy == "query":
-        if query_key is None or keys_fn is None:
-            raise ValueError("the 'query' policy needs a query key and node keys")
+    if policy in ("query", "lexical"):
+        if scores_fn is None:
+            raise ValueError(f"the {policy!r} policy needs node scores for the query")
 
-        def choose_query(level, li, ls, ri, rs):
-            keys = keys_fn(li + ri, ls + rs)  # (2n, hidden)
-            scores = cosine_scores(query_key, keys)
+        def choose_higher(level, li, ls, ri, rs):
+            scores = scores_fn(li + ri, ls + rs)  # (2n,)
             n = len(li)
             return (scores[n:] >= scores[:n]).tolist()
 
-        return choose_query
-    if policy == "lexical":
-        if query_text is None or texts_fn is None or lexicon is None:
-            raise ValueError("the 'lexical' policy needs the query text, node texts and a BM25 lexicon")
-
-        def choose_lexical(level, li, ls, ri, rs):
-            scores = lexicon.scores(query_text, texts_fn(li + ri, ls + rs))
-            n = len(li)
-            return (scores[n:] >= scores[:n]).tolist()
-
-        return choose_lexical
+        return choose_higher
     raise ValueError(f"unknown policy {policy!r}; use 'query', 'lexical', 'right', 'left' or 'random'")
 
 
@@ -127,20 +103,14 @@ def walk_trees(
 
 
 def rank_chunks(
-    query_key: torch.Tensor | None = None,
-    root_keys: torch.Tensor | None = None,
+    scores: torch.Tensor,
     *,
-    scores: torch.Tensor | None = None,
     top_k: int | None = None,
     states_per_chunk: Sequence[int] | None = None,
     max_states: int | None = None,
 ) -> list[int]:
-    """Indices of the chunks to inject, best first: by cosine of each chunk root key ``(n, hidden)`` with the
-    query (or by given ``scores``), at most ``top_k`` of them and at most ``max_states`` injected states in all."""
-    if scores is None:
-        if query_key is None or root_keys is None:
-            raise ValueError("rank_chunks needs a query key and root keys, or scores")
-        scores = cosine_scores(query_key, root_keys)
+    """Indices of the chunks to inject, best first by ``scores (n,)`` (e.g. cosine of each chunk root key with the
+    query key, or BM25), at most ``top_k`` of them and at most ``max_states`` injected states in all."""
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     limit = len(order) if top_k is None else min(top_k, len(order))
     chosen: list[int] = []
