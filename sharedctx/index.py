@@ -32,6 +32,7 @@ import torch
 
 from .chunking import chunk_text
 from .config import POLICIES
+from .documents import __all__ as _DOCUMENT_NAMES
 from .documents import (
     AddResult,
     Answer,
@@ -53,17 +54,7 @@ from .policy import make_chooser, rank_chunks, walk_trees
 from .store import DEFAULT_SIZE_LIMIT, StoreError, TreeStore
 from .tree import NodeStates, canonical_children
 
-__all__ = [
-    "ContextIndex",
-    "Citation",
-    "Answer",
-    "AddResult",
-    "BuildReport",
-    "DocumentInfo",
-    "DocumentTable",
-    "DocumentNotFoundError",
-    "read_document",
-]
+__all__ = ["ContextIndex", *_DOCUMENT_NAMES]  # the index and the document types it returns
 
 logger = logging.getLogger(__name__)
 
