@@ -8,7 +8,7 @@ from .config import SharedCtxConfig  # noqa: E402
 from .errors import AdapterMismatchError, ContextMismatchError, InputError, PromptTooLongError, SharedCtxError  # noqa: E402
 from .index import Answer, Citation, ContextIndex  # noqa: E402
 from .injection import Injection  # noqa: E402
-from .model import Completion, SharedLLM  # noqa: E402
+from .model import Completion, SharedLLM, TextTreeCache  # noqa: E402
 from .store import TreeStore  # noqa: E402
 from .tree import ContextTree  # noqa: E402
 
@@ -26,6 +26,7 @@ __all__ = [
     "SharedCtxConfig",
     "SharedCtxError",
     "SharedLLM",
+    "TextTreeCache",
     "TreeStore",
     "__version__",
 ]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -119,6 +123,37 @@ class SharedLLM(nn.Module):
         llm = cls(model, tokenizer, config=merged)
         llm.load_adapter(adapter_dir)
         return llm
+
+    @classmethod
+    def shared(
+        cls,
+        base: str | os.PathLike | None = None,
+        *,
+        adapter: str | os.PathLike | bool | None = None,
+        config: SharedCtxConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> SharedLLM:
+        """`from_pretrained` once per process for these options: later calls return the same model while any
+        caller still holds it (a weak cache, so the weights go when the last user drops them). Thread-safe.
+
+        This is how the LangChain and LlamaIndex integrations load models: several chat models, LLMs and
+        indexes built with the same options share one copy of the weights.
+        """
+        key = (
+            str(base) if base is not None else None,
+            adapter if isinstance(adapter, bool) or adapter is None else str(adapter),
+            json.dumps(config.to_dict(), sort_keys=True) if config is not None else None,
+            str(device) if device is not None else None,
+            str(dtype) if dtype is not None else None,
+        )
+        with _SHARED_LOCK:
+            llm = _SHARED.get(key)
+            if llm is None:
+                logger.info("loading SharedLLM base=%s adapter=%s", base or "<default>", adapter if adapter is not None else "<default>")
+                llm = cls.from_pretrained(base, adapter=adapter, config=config, device=device, dtype=dtype)
+                _SHARED[key] = llm
+            return llm
 
     # ------------------------------------------------------------------ adapters
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -735,6 +770,62 @@ class SharedLLM(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+class TextTreeCache:
+    """Context trees encoded once per (model, text): a small thread-safe LRU for applications that ask many
+    questions about the same few texts (a chat model with a bound document, a notebook).
+
+    Trees are encoded with ``precompute=True`` (every node of every chunk), so any later question about the
+    same text injects states without running the lower model again. ``size=0`` keeps nothing.
+
+    >>> cache = TextTreeCache(size=4)
+    >>> tree = cache.tree(llm, text)      # encodes
+    >>> tree is cache.tree(llm, text)     # a hit: the same tree
+    True
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        if size < 0:
+            raise ValueError(f"TextTreeCache size must be >= 0, got {size}")
+        self.size = size
+        # (id(model), sha256 of the text) -> (weak reference to the model, tree); the reference guards against a
+        # new model that reuses a collected one's id
+        self._trees: OrderedDict[tuple[int, str], tuple[weakref.ref, ContextTree]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.encoded = 0  # texts encoded (misses)
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._trees)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._trees.clear()
+
+    def tree(self, llm: SharedLLM, text: str) -> ContextTree:
+        """The encoded tree of ``text`` for ``llm`` (encoding it on a miss)."""
+        if not isinstance(text, str):
+            raise TypeError(f"TextTreeCache caches text contexts; got {type(text).__name__}")
+        key = (id(llm), hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+        with self._lock:
+            entry = self._trees.get(key)
+            if entry is not None and entry[0]() is llm:
+                self._trees.move_to_end(key)
+                self.hits += 1
+                return entry[1]
+        tree = llm.encode(text, precompute=True)  # outside the lock: encoding may take seconds
+        with self._lock:
+            self.encoded += 1
+            if self.size:
+                self._trees[key] = (weakref.ref(llm), tree)
+                while len(self._trees) > self.size:
+                    self._trees.popitem(last=False)
+        return tree
+
+
 def _output_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)

@@ -1,4 +1,4 @@
-"""Tiny random models of each supported family, built locally, and a byte-level tokenizer with a chat template."""
+"""Fixtures of the core suite; the tiny models and tokenizer they build on live in `sharedctx.testing`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-VOCAB = 300
+from sharedctx.testing import ARCHS, VOCAB, byte_tokenizer, make_llm, random_ids, set_gates, tiny_config, tiny_model  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,82 +17,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def tiny_config(arch: str = "llama", **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        eos_token_id=2,
-        bos_token_id=1,
-        pad_token_id=0,
-    )
-    if arch == "qwen2":
-        kw["attention_bias"] = True  # Qwen2 has q/k/v biases
-    kw.update(overrides)
-    return cls(**kw)
-
-
-def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="eager")
-    return model.eval()
-
-
-def byte_tokenizer():
-    """A byte-level BPE tokenizer without merges (bytes 0-255 -> ids 3-258) and a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<pad>": 0, "<s>": 1, "<|im_end|>": 2}
-    for i, ch in enumerate(sorted(alphabet)):
-        vocab[ch] = 3 + i
-    vocab["<|im_start|>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"]
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    return fast
-
-
-def make_llm(arch: str = "llama", *, seed: int = 0, gates: float | None = None, tokenizer=True, **cfg):
-    """A SharedLLM over a tiny model; ``gates`` sets every gate (None keeps the identity initialisation)."""
-    from sharedctx import SharedCtxConfig, SharedLLM
-
-    defaults = dict(injection_layers=2, chunk_size=32, tree_height=3, node_keep=4)
-    defaults.update(cfg)
-    llm = SharedLLM.from_model(tiny_model(arch, seed), byte_tokenizer() if tokenizer else None, config=SharedCtxConfig(**defaults))
-    if gates is not None:
-        set_gates(llm, gates)
-    return llm
-
-
-def set_gates(llm, value: float) -> None:
-    with torch.no_grad():
-        for i, block in enumerate(llm.injection):
-            block.gate.fill_(value * (1 + 0.25 * i))
-            # a trained adapter does not equal the layer's own attention; perturb so tests see real effects
-            g = torch.Generator().manual_seed(100 + i)
-            block.q_proj.weight.add_(torch.randn(block.q_proj.weight.shape, generator=g) * 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +41,3 @@ def base_and_llm():
     from sharedctx import SharedCtxConfig, SharedLLM
 
     return reference, SharedLLM.from_model(base, byte_tokenizer(), config=SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4))
-
-
-def random_ids(n: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (n,), generator=g)

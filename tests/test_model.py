@@ -298,3 +298,50 @@ def test_detach_restores_the_original_layers():
     with torch.no_grad():
         assert torch.equal(base(ids).logits, reference(ids).logits)
     assert llm.injection[0].gate.item() == 0.0
+
+
+def test_shared_loads_once_per_options_and_lets_go(tmp_path):
+    import gc
+    import weakref
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    byte_tokenizer().save_pretrained(tmp_path / "base")
+    from sharedctx import SharedLLM
+
+    cfg = SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4)
+    a = SharedLLM.shared(tmp_path / "base", adapter=False, config=cfg)
+    assert SharedLLM.shared(str(tmp_path / "base"), adapter=False, config=SharedCtxConfig(**cfg.to_dict())) is a
+    assert SharedLLM.shared(tmp_path / "base", adapter=False, config=cfg, dtype="float32") is not a
+    assert SharedLLM.shared(tmp_path / "base", adapter=False, config=SharedCtxConfig(injection_layers=1, chunk_size=32, node_keep=4)) is not a
+    ref = weakref.ref(a)
+    del a
+    gc.collect()
+    assert ref() is None  # the cache holds no strong reference
+    again = SharedLLM.shared(tmp_path / "base", adapter=False, config=cfg)
+    assert isinstance(again, SharedLLM) and again.config.injection_layers == 2
+
+
+def test_text_tree_cache_hits_evicts_and_guards_model_identity():
+    from sharedctx import TextTreeCache
+
+    llm, other = make_llm(), make_llm(seed=1)
+    cache = TextTreeCache(size=2)
+    text_a, text_b, text_c = ("alpha " * 40, "beta " * 40, "gamma " * 40)
+    tree = cache.tree(llm, text_a)
+    assert tree.precomputed and cache.tree(llm, text_a) is tree
+    assert (cache.encoded, cache.hits) == (1, 1)
+    assert cache.tree(other, text_a) is not tree  # another model encodes its own tree
+    cache.tree(llm, text_b)
+    cache.tree(llm, text_c)  # evicts the least recently used entries
+    assert len(cache) == 2 and cache.encoded == 4
+    cache.tree(llm, text_a)
+    assert cache.encoded == 5
+    off = TextTreeCache(size=0)
+    off.tree(llm, text_a)
+    off.tree(llm, text_a)
+    assert off.encoded == 2 and len(off) == 0
+    with pytest.raises(TypeError, match="text"):
+        cache.tree(llm, ["not", "text"])
+    with pytest.raises(ValueError, match=">= 0"):
+        TextTreeCache(size=-1)

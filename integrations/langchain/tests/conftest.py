@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from lc_tiny import make_llm
+from sharedctx.testing import make_llm
 
 CONTEXT = (
     "The Harrow Point light stands on a granite spit. Its keeper, Ada Lindqvist, writes the logbook every night. "

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from li_tiny import make_llm
+from sharedctx.testing import make_llm
 
 DOCS = {
     "harrow": (

@@ -14,7 +14,6 @@ from pydantic import ValidationError
 
 from conftest import contains
 from langchain_sharedctx import ChatSharedLLM
-from langchain_sharedctx import _runtime
 
 
 class TokenRecorder(BaseCallbackHandler):
@@ -216,7 +215,9 @@ def test_models_load_lazily_and_are_shared(monkeypatch, llm):
     import sharedctx
 
     monkeypatch.setattr(sharedctx.SharedLLM, "from_pretrained", staticmethod(fake_from_pretrained))
-    monkeypatch.setattr(_runtime, "_LOADED", type(_runtime._LOADED)())
+    import sharedctx.model
+
+    monkeypatch.setattr(sharedctx.model, "_SHARED", type(sharedctx.model._SHARED)())
     a = ChatSharedLLM(model="tiny/base", max_tokens=2)
     b = ChatSharedLLM(model="tiny/base", max_tokens=3)
     assert calls == [] and a.llm is None  # nothing loads at construction

@@ -5,7 +5,7 @@ from __future__ import annotations
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_sharedctx import ChatSharedLLM
-from lc_tiny import make_llm
+from sharedctx.testing import make_llm
 
 _LLM = make_llm(gates=1.0)
 

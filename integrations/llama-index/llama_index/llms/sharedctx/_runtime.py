@@ -7,19 +7,12 @@ depend on each other.)
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
-import weakref
-from collections import OrderedDict
 from typing import Any
 
 __all__ = ["load_llm", "ContextCache", "message_text", "context_text", "as_context_index"]
 
 logger = logging.getLogger(__name__)
-
-_LOAD_LOCK = threading.Lock()
-_LOADED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _sharedctx():
@@ -31,16 +24,8 @@ def _sharedctx():
 
 
 def load_llm(model: str | None, adapter: str | None, device: str | None, dtype: str | None) -> Any:
-    """``SharedLLM.from_pretrained`` for these options, shared by every chat model alive in this process."""
-    key = (model, adapter, device, dtype)
-    with _LOAD_LOCK:
-        llm = _LOADED.get(key)
-        if llm is None:
-            sharedctx = _sharedctx()
-            logger.info("loading SharedLLM base=%s adapter=%s", model or "<default>", adapter or "<default>")
-            llm = sharedctx.SharedLLM.from_pretrained(model, adapter=adapter, device=device, dtype=dtype)
-            _LOADED[key] = llm
-        return llm
+    """``SharedLLM.shared``: one model per set of options, shared by everything alive in this process."""
+    return _sharedctx().SharedLLM.shared(model, adapter=adapter, device=device, dtype=dtype)
 
 
 def as_context_index(obj: Any) -> Any:
@@ -81,9 +66,12 @@ class ContextCache:
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self._trees: OrderedDict[tuple[int, str], Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.encoded = 0  # how many texts were encoded (misses)
+        self._cache: Any = None  # a sharedctx.TextTreeCache, made on first use (importing sharedctx)
+
+    @property
+    def encoded(self) -> int:
+        """How many texts were encoded (cache misses)."""
+        return self._cache.encoded if self._cache is not None else 0
 
     def tree(self, llm: Any, context: Any) -> Any:
         """A `ContextTree` for ``context`` (text, Documents or a tree); None for None; TypeError otherwise."""
@@ -100,19 +88,10 @@ class ContextCache:
             )
         if not text:
             return None
-        key = (id(llm), hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
-        with self._lock:
-            tree = self._trees.get(key)
-            if tree is not None:
-                self._trees.move_to_end(key)
-                return tree
-        tree = llm.encode(text, precompute=True)
-        with self._lock:
-            self.encoded += 1
-            self._trees[key] = tree
-            while len(self._trees) > max(self.size, 0):
-                self._trees.popitem(last=False)
-        return tree
+        if self._cache is None:
+            self._cache = sharedctx.TextTreeCache(self.size)
+        self._cache.size = self.size
+        return self._cache.tree(llm, text)
 
 
 def message_text(content: Any) -> str:

@@ -1,10 +1,22 @@
-"""Tiny random LLaMA models and a byte-level tokenizer with a chat template (copied from sharedctx's own tests,
-so this distribution's tests run on their own)."""
+"""Tiny random models for tests: every supported family, built locally (no download), with a byte-level tokenizer.
+
+For the test suites of sharedctx and of the integrations, and for anyone testing code built on sharedctx without
+the default model::
+
+    from sharedctx.testing import make_llm
+    llm = make_llm("qwen3", gates=1.0)   # a SharedLLM whose cross-attention is switched on
+
+The models have random weights: their outputs mean nothing, but every invariant of the library (identity at
+initialisation, decoding equal to a full forward, save/load round trips) holds for them as for a real model.
+"""
 
 from __future__ import annotations
 
 import torch
 
+__all__ = ["ARCHS", "VOCAB", "tiny_config", "tiny_model", "byte_tokenizer", "make_llm", "set_gates", "random_ids"]
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 VOCAB = 300
 
 
@@ -82,3 +94,8 @@ def set_gates(llm, value: float) -> None:
             # a trained adapter does not equal the layer's own attention; perturb so tests see real effects
             g = torch.Generator().manual_seed(100 + i)
             block.q_proj.weight.add_(torch.randn(block.q_proj.weight.shape, generator=g) * 0.5)
+
+
+def random_ids(n: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g)
