@@ -27,7 +27,7 @@ from _common import SHARED_DATA, PeakMemory, add_model_args, finish, load_llm, m
 from _systems import NotRun, make_system
 from _tasks import filler_tokens, make_task, score
 
-DEFAULT_SYSTEMS = ("full", "streaming", "rag_minilm", "sharedctx_latent", "sharedctx_store")
+DEFAULT_SYSTEMS = ("full", "streaming", "rag_minilm", "bm25", "sharedctx_latent", "sharedctx_store", "sharedctx_text")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": {
             "sharedctx_store": "ContextIndex built once (build_s), reopened, all chunks injected (top_k unbounded); times are the query only",
             "sharedctx_latent": "encode on the fly at query time (cold), all chunks injected",
+            "sharedctx_text": "ContextIndex built once (build_s), reopened; the walk's chosen nodes' text goes into the prompt (top_k chunks); times are the query only",
             "streaming": "4 sinks + recent window re-encoded; the rolling pass over evicted tokens is not run, so its time is a lower bound",
             "full": f"past the model's trained window ({llm.max_positions}) it is timed as a cost baseline only",
         },
@@ -97,9 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _ratios(table: dict) -> dict:
-    """Time to first token of each baseline over sharedctx's (warm store and cold), per length, same run."""
+    """Time to first token of each baseline over sharedctx's (warm store, cold, text mode), per length, same run."""
     out: dict = {}
-    for ref in ("sharedctx_store", "sharedctx_latent"):
+    for ref in ("sharedctx_store", "sharedctx_latent", "sharedctx_text"):
         for name, per in table.items():
             if name.startswith("sharedctx"):
                 continue

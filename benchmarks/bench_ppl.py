@@ -10,12 +10,20 @@ of the same kind and length injected: separates reading from adapting), ``window
 (full attention over all N tokens, up to --full-max; past the trained window it is reported, flagged) and
 ``streaming`` (4 sinks + the window). Files: the three held out of training (sharedctx.data.DEFAULT_HOLDOUT).
 Writes benchmarks/results/ppl.json and ppl.png (perplexity against N, one panel per file).
+
+The held-out code file has about 100K tokens and the TeX file 36K. For code at 128K, ``--files stdlib:code`` reads
+a longer held-out text: modules of the running Python's standard library that are not in the training data
+(`STDLIB_TEXTS`; the JSON records the Python version and the text's SHA-256, since the modules change between
+versions). Controls longer than one training file are files of the same kind joined in order (`CONTROLS`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import sys
+import sysconfig
 import time
 
 import numpy as np
@@ -23,18 +31,44 @@ import torch
 
 from _common import SHARED_DATA, add_model_args, finish, load_llm, model_info, plt
 
-#: held-out file -> unrelated text of the same kind (the control)
+#: held-out text -> unrelated texts of the same kind (the control), joined in order as far as a length needs
 CONTROLS = {
-    "books/pride_and_prejudice.txt": "books/northanger_abbey.txt",
-    "math/pari_usersch4.tex": "math/pari_usersch3.tex",
-    "code/cpython_email.py.txt": "code/cpython_json.py.txt",
+    "books/pride_and_prejudice.txt": ("books/northanger_abbey.txt", "books/emma.txt"),
+    "math/pari_usersch4.tex": ("math/pari_usersch3.tex",),
+    "code/cpython_email.py.txt": ("code/cpython_json.py.txt", "code/cpython_asyncio.py.txt", "code/cpython_unittest.py.txt"),
+    "stdlib:code": ("stdlib:code-control",),
 }
+
+#: long texts from the running interpreter's standard library, none of them in ../shared/data (so never trained on)
+STDLIB_TEXTS = {
+    "stdlib:code": ("_pydecimal.py", "turtle.py", "tkinter/__init__.py", "pydoc.py", "doctest.py"),
+    "stdlib:code-control": ("ipaddress.py", "difflib.py", "enum.py", "mailbox.py", "locale.py", "optparse.py", "pickle.py", "threading.py", "shutil.py", "configparser.py"),
+}
+
+
+def read_text(name: str) -> tuple[str, dict]:
+    """The text of a file under ../shared/data, a path, or a `STDLIB_TEXTS` name; with what it was read from."""
+    if name in STDLIB_TEXTS:
+        root = sysconfig.get_paths()["stdlib"]
+        parts = []
+        for module in STDLIB_TEXTS[name]:
+            with open(os.path.join(root, module), encoding="utf-8") as fh:
+                parts.append(fh.read())
+        text = "\n\n".join(parts)
+        info = {"python": sys.version.split()[0], "modules": list(STDLIB_TEXTS[name])}
+    else:
+        path = name if os.path.isfile(name) else SHARED_DATA / name
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        info = {}
+    return text, {**info, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap, lengths=[4096, 8192, 16384, 32768, 65536, 131072])
-    ap.add_argument("--files", nargs="+", default=list(CONTROLS), help="files under ../shared/data (or paths)")
+    ap.add_argument("--files", nargs="+", default=list(CONTROLS)[:3],
+                    help="files under ../shared/data, paths, or stdlib:code (default: the three held-out files)")
     ap.add_argument("--modes", nargs="+", default=["adapter", "control", "window", "full", "streaming"])
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--score-last", type=int, default=256)
@@ -52,17 +86,26 @@ def main(argv: list[str] | None = None) -> dict:
     llm = load_llm(args)
     tok = llm.tokenizer
 
-    def ids(name: str) -> np.ndarray:
-        path = name if os.path.isfile(name) else SHARED_DATA / name
-        with open(path, encoding="utf-8") as fh:
-            return np.asarray(tok(fh.read(), add_special_tokens=False)["input_ids"], dtype=np.int64)
+    sources: dict[str, dict] = {}
 
+    def ids(name: str) -> np.ndarray:
+        text, sources[name] = read_text(name)
+        return np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    need = max(args.lengths)
     results, skipped = [], []
     start = time.perf_counter()
     for name in args.files:
         tokens = ids(name)
-        control = CONTROLS.get(name)
-        ctrl = ids(control) if control and "control" in args.modes else None
+        ctrl, used = None, []
+        if "control" in args.modes:
+            for part in CONTROLS.get(name, ()):  # as many as the longest length needs
+                piece = ids(part)
+                ctrl = piece if ctrl is None else np.concatenate([ctrl, piece])
+                used.append(part)
+                if len(ctrl) >= need:
+                    break
+        control = " + ".join(used) or None
         for n in args.lengths:
             modes = [m for m in args.modes if not (m == "full" and n > args.full_max) and not (m == "control" and ctrl is None)]
             n_ctx = n - min(args.window, n)
@@ -81,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         **model_info(llm),
         "load_average_at_start": round(load_at_start, 2),
         "protocol": {"window": args.window, "score_last": args.score_last, "windows_per_file": args.windows, "sinks": 4, "full_max": args.full_max},
-        "lengths": args.lengths, "files": args.files, "modes": args.modes, "skipped": skipped,
+        "lengths": args.lengths, "files": args.files, "modes": args.modes, "skipped": skipped, "sources": sources,
         "seconds": round(time.perf_counter() - start, 1),
         "results": results,
     }

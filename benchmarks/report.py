@@ -48,9 +48,12 @@ def ppl_rows(data: dict) -> list[str]:
     for r in data["results"]:
         cells = ", ".join(f"{m} {v['ppl']:.2f}" for m, v in r["modes"].items())
         flag = " (full attention past the trained window)" if r.get("full_past_trained_window") else ""
+        src = (data.get("sources") or {}).get(r["file"], {})
+        name = f"{r['file']} (Python {src['python']} standard library: {', '.join(src['modules'])})" if src.get("modules") else r["file"]
+        ctrl = f"; control: {r['control_file']}" if r.get("control_file") and "control" in r["modes"] else ""
         rows.append(
-            f"| PPL of the last {r['score_last']} tokens, {r['file']}, {_k(r['total_length'])} tokens, {r['n_windows']} window{'s' if r['n_windows'] != 1 else ''}; "
-            f"{_adapter(data)} | {cells}{flag} | {cmd} | {mach} |"
+            f"| PPL of the last {r['score_last']} tokens, {name}, {_k(r['total_length'])} tokens, {r['n_windows']} window{'s' if r['n_windows'] != 1 else ''}; "
+            f"{_adapter(data)}{ctrl} | {cells}{flag} | {cmd} | {mach} |"
         )
     return rows
 
@@ -85,15 +88,20 @@ def finding_rows(data: dict) -> list[str]:
 def efficiency_rows(data: dict) -> list[str]:
     cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
     rows = []
+    found = {(r["system"], str(r["length"])): r.get("correct") for r in data.get("rows", [])}
     for system, per in data["table"].items():
         cells = " · ".join(
-            f"{_k(n)} {v['first_token_s']:.2f} s / {v['peak_memory_mb']:.0f} MB" for n, v in sorted(per.items(), key=lambda x: int(x[0]))
+            f"{_k(n)} {v['first_token_s']:.2f} s / {v['peak_memory_mb']:.0f} MB"
+            + {1.0: " (found)", 0.0: " (missed)"}.get(found.get((system, n)), "")
+            for n, v in sorted(per.items(), key=lambda x: int(x[0]))
         )
-        rows.append(f"| time to first token / peak memory, {system} ({data['max_new_tokens']} new tokens) | {cells} | {cmd} | {mach} |")
+        rows.append(f"| time to first token / peak memory, {system} ({data['max_new_tokens']} new tokens; the needle found or missed) | {cells} | {cmd} | {mach} |")
+    refs = {"sharedctx_store": "sharedctx warm store", "sharedctx_text": "sharedctx text mode (warm index)"}
     for name, per in data.get("ratios", {}).items():
-        if name.endswith("_over_sharedctx_store_ttft"):
+        ref = name.split("_over_")[1].removesuffix("_ttft")
+        if ref in refs:
             cells = " · ".join(f"{_k(n)} {v:.1f}x" for n, v in sorted(per.items(), key=lambda x: int(x[0])))
-            rows.append(f"| time to first token, {name.split('_over_')[0]} over sharedctx warm store (same run) | {cells} | {cmd} | {mach} |")
+            rows.append(f"| time to first token, {name.split('_over_')[0]} over {refs[ref]} (same run) | {cells} | {cmd} | {mach} |")
     return rows
 
 

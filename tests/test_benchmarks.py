@@ -63,6 +63,25 @@ def test_ppl_quick(bench):
     assert modes["control"]["ppl"] == pytest.approx(modes["window"]["ppl"], rel=1e-4)
 
 
+def test_ppl_long_held_out_code_and_joined_controls(bench):
+    import bench_ppl
+
+    text, info = bench_ppl.read_text("stdlib:code")
+    assert info["python"] == sys.version.split()[0] and info["modules"][0] == "_pydecimal.py"
+    assert "class Decimal" in text and len(text) > 400_000  # long enough for 128K tokens of the default model
+    from sharedctx.data import DEFAULT_HOLDOUT
+
+    trained = {p.name.removesuffix(".py.txt").removeprefix("cpython_") for p in (bench_ppl.SHARED_DATA / "code").glob("*.py.txt")}
+    assert not {m.split("/")[0].removesuffix(".py") for m in info["modules"]} & trained  # none of it is in the corpus
+    assert set(bench_ppl.CONTROLS) >= set(DEFAULT_HOLDOUT)
+    # a control text longer than one file joins the next one; the JSON names every part and the source
+    r = bench_ppl.main(_args(bench, "--lengths", "768", "--windows", "1", "--files", "stdlib:code", "--modes", "adapter", "control", "window"))
+    row = r["results"][0]
+    assert row["file"] == "stdlib:code" and row["control_file"] == "stdlib:code-control"
+    assert r["sources"]["stdlib:code"]["sha256"] == info["sha256"]
+    assert set(row["modes"]) == {"adapter", "control", "window"}
+
+
 def test_ablations_quick(bench):
     import bench_ablations
 
