@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["SharedCtxConfig", "LOWER_FIELDS", "POLICIES"]
+__all__ = ["SharedCtxConfig", "LOWER_FIELDS", "ADAPTER_FIELDS", "POLICIES"]
 
 Policy = Literal["query", "lexical", "right", "left", "random"]
 Positions = Literal["chunk", "none"]
@@ -22,6 +22,9 @@ _GATES = ("tanh", "linear")
 #: Fields that shape the compressed states of a node (the lower side). A node cached under one value of any
 #: of these is not valid under another; `TreeStore` keys include them.
 LOWER_FIELDS = ("injection_layers", "chunk_size", "tree_height", "node_keep", "sampling")
+
+#: Fields that shape an adapter's parameters: an adapter loads only on a model built with the same values.
+ADAPTER_FIELDS = ("injection_layers", "gate", "upper_lora_rank")
 
 
 @dataclass
@@ -43,6 +46,11 @@ class SharedCtxConfig:
         split_noise: standard deviation of the split point, as a fraction of the node length, used only
             while training (the paper uses 1/5).
         gate: ``tanh`` (output scaled by ``tanh(g)``) or ``linear`` (scaled by ``g``); both start at 0.
+        upper_lora_rank: 0 (the paper's design: only the cross-attention blocks are new) or the rank of low-rank
+            updates to the ``q_proj``, ``v_proj`` and ``o_proj`` of every layer above the bottom ``M``, part of the
+            adapter and trained with it. They act only while states are injected (a row with no states, or no
+            context, runs the base model exactly) and start at zero. Our addition: it lets training teach the
+            upper layers to use what the cross-attention writes into the residual stream.
         seed: seed of the ``random`` policy and of split noise.
         max_batch_tokens: upper bound on tokens per batched lower-model pass (memory bound while encoding).
         attn_backend: cross-attention backend: ``auto``, ``eager``, ``sdpa`` or a registered kernel backend.
@@ -57,6 +65,7 @@ class SharedCtxConfig:
     sampling: Sampling = "end"
     split_noise: float = 0.2
     gate: str = "tanh"
+    upper_lora_rank: int = 0
     seed: int = 0
     max_batch_tokens: int = 16384
     attn_backend: str = "auto"
@@ -81,6 +90,8 @@ class SharedCtxConfig:
             raise ValueError(f"SharedCtxConfig.positions must be one of {_POSITIONS}, got {self.positions!r}")
         if self.sampling not in _SAMPLING:
             raise ValueError(f"SharedCtxConfig.sampling must be one of {_SAMPLING}, got {self.sampling!r}")
+        if not isinstance(self.upper_lora_rank, int) or isinstance(self.upper_lora_rank, bool) or self.upper_lora_rank < 0:
+            raise ValueError(f"SharedCtxConfig.upper_lora_rank must be an integer >= 0, got {self.upper_lora_rank!r}")
         if self.gate not in _GATES:
             raise ValueError(f"SharedCtxConfig.gate must be one of {_GATES}, got {self.gate!r}")
         if not 0.0 <= float(self.split_noise) < 0.5:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -24,7 +25,17 @@ from torch import nn
 
 from .ops.dispatch import resolve_backend
 
-__all__ = ["Injection", "CrossAttention", "InjectedDecoderLayer", "attach", "detach", "injecting", "injection_disabled"]
+__all__ = [
+    "Injection",
+    "CrossAttention",
+    "InjectedDecoderLayer",
+    "UpperLoRA",
+    "attach",
+    "attach_upper_lora",
+    "detach",
+    "injecting",
+    "injection_disabled",
+]
 
 
 @dataclass
@@ -221,9 +232,62 @@ def attach(model: nn.Module, n_layers: int, *, gate: str = "tanh", backend: str 
     return nn.ModuleList(blocks)
 
 
-def detach(model: nn.Module) -> None:
-    """Restore the original decoder layers."""
+def detach(model: nn.Module, upper_lora: Sequence[UpperLoRA] = ()) -> None:
+    """Restore the original decoder layers (and take the hooks of ``upper_lora`` off their projections)."""
+    for m in upper_lora:
+        m.remove()
     layers = model.model.layers
     for i, layer in enumerate(layers):
         if isinstance(layer, InjectedDecoderLayer):
             layers[i] = layer.layer
+
+
+#: the projections of an upper layer's self-attention that `UpperLoRA` updates
+UPPER_LORA_TARGETS = ("q_proj", "v_proj", "o_proj")
+
+
+class UpperLoRA(nn.Module):
+    """A low-rank update ``x -> scale * B(A(x))`` of one linear projection of an upper layer, applied only while
+    states are injected, and only to the batch rows that have states.
+
+    ``B`` starts at zero, so the model equals the base model until trained; ``scale = 2`` (alpha = 2 x rank).
+    It is applied by a forward hook on the base projection, so the base model's modules and parameter names
+    stay as they were.
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int, *, scale: float = 2.0) -> None:
+        super().__init__()
+        ref = linear.weight
+        self.scale = scale
+        self.lora_a = nn.Parameter(torch.randn(rank, linear.in_features, dtype=ref.dtype, device=ref.device) / math.sqrt(linear.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank, dtype=ref.dtype, device=ref.device))
+        self._handle = linear.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        injection = _ACTIVE.get()
+        if injection is None or injection.n_states == 0:
+            return out
+        x = inputs[0]
+        delta = (x.to(self.lora_a.dtype) @ self.lora_a.t()) @ self.lora_b.t() * self.scale
+        if injection.key_mask is not None and delta.dim() >= 2:
+            rows = injection.key_mask.any(-1).to(delta.dtype)  # (B,): rows without states run the base model
+            delta = delta * rows.view(-1, *([1] * (delta.dim() - 1)))
+        return out + delta.to(out.dtype)
+
+    def remove(self) -> None:
+        """Take the hook off the base projection."""
+        self._handle.remove()
+
+
+def attach_upper_lora(model: nn.Module, first_layer: int, rank: int) -> nn.ModuleList:
+    """`UpperLoRA` updates of `UPPER_LORA_TARGETS` in every decoder layer from ``first_layer`` up (empty for rank 0)."""
+    modules: list[UpperLoRA] = []
+    if rank > 0:
+        for layer in model.model.layers[first_layer:]:
+            layer = getattr(layer, "layer", layer)
+            for name in UPPER_LORA_TARGETS:
+                modules.append(UpperLoRA(getattr(layer.self_attn, name), rank))
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return nn.ModuleList(modules)

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import LOWER_FIELDS, SharedCtxConfig
+from .config import ADAPTER_FIELDS, LOWER_FIELDS, SharedCtxConfig
 from .encoder import LowerEncoder, cache_kwarg
 from .errors import AdapterMismatchError, ContextMismatchError, PromptTooLongError
 from .generation import SAMPLING_FIELDS, SamplingOptions, StopMatcher, sample_next, token_stream
-from .injection import Injection, attach, injecting
+from .injection import Injection, attach, attach_upper_lora, injecting
 from .models import DEFAULT_MODEL_NAME, base_fingerprint, check_supported, load_base_model
 from .ops.scoring import BM25, cosine_scores
 from .policy import make_chooser, walk_trees
@@ -77,6 +77,8 @@ class SharedLLM(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.injection = attach(model, self.config.injection_layers, gate=self.config.gate, backend=self.config.attn_backend)
+        # empty unless config.upper_lora_rank > 0: low-rank updates of the upper layers, active only under injection
+        self.upper_lora = attach_upper_lora(model, self.config.injection_layers, self.config.upper_lora_rank)
         self.encoder = LowerEncoder(model, self.config)
         self._cache_kw = cache_kwarg(model.forward)
         self.adapter_trained = False
@@ -162,7 +164,7 @@ class SharedLLM(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.injection.state_dict().items()}
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
         save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         meta = {
             "sharedctx_version": __version__,
@@ -187,7 +189,7 @@ class SharedLLM(nn.Module):
                 "Load it on the base model it was trained for, or train one for this model (`sharedctx train`)."
             )
         saved = SharedCtxConfig.from_dict(meta["config"])
-        for name in ("injection_layers", "gate"):
+        for name in ADAPTER_FIELDS:
             if getattr(saved, name) != getattr(self.config, name):
                 raise AdapterMismatchError(
                     f"the adapter in {directory} has {name}={getattr(saved, name)!r} but this model has "
@@ -198,12 +200,21 @@ class SharedLLM(nn.Module):
             state = load_file(str(path))
         except Exception as exc:
             raise AdapterMismatchError(f"cannot read adapter weights {path}: {exc}") from exc
-        expected = self.injection.state_dict()
+        expected = self.adapter_state_dict()
         if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-            raise AdapterMismatchError(f"the adapter weights in {path} do not match this model's cross-attention shapes")
-        self.injection.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+            raise AdapterMismatchError(f"the adapter weights in {path} do not match this model's adapter shapes (cross-attention, upper LoRA)")
+        with torch.no_grad():
+            for k, v in state.items():
+                expected[k].copy_(v.to(expected[k].dtype))
         self.adapter_trained = bool(meta.get("trained", True))
         self.adapter_path = str(directory)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors by name: the cross-attention blocks (``0.q_proj.weight``, ...) and, when
+        ``upper_lora_rank > 0``, the upper layers' low-rank updates (``upper_lora.0.lora_a``, ...)."""
+        state = dict(self.injection.state_dict(keep_vars=True))
+        state.update({f"upper_lora.{k}": v for k, v in self.upper_lora.state_dict(keep_vars=True).items()})
+        return {k: v.data for k, v in state.items()}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -874,7 +885,7 @@ def _merge_configs(saved: SharedCtxConfig, given: SharedCtxConfig | None, where:
     """The adapter's config, with runtime options taken from ``given``; shape-changing differences are refused."""
     if given is None:
         return saved
-    for name in ("injection_layers", "gate"):
+    for name in ADAPTER_FIELDS:
         if getattr(given, name) != getattr(saved, name):
             raise AdapterMismatchError(
                 f"config.{name}={getattr(given, name)!r} is incompatible with the adapter in {where} "

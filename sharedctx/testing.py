@@ -94,6 +94,9 @@ def set_gates(llm, value: float) -> None:
             # a trained adapter does not equal the layer's own attention; perturb so tests see real effects
             g = torch.Generator().manual_seed(100 + i)
             block.q_proj.weight.add_(torch.randn(block.q_proj.weight.shape, generator=g) * 0.5)
+        for i, lora in enumerate(getattr(llm, "upper_lora", ())):  # upper-layer low-rank updates, when configured
+            g = torch.Generator().manual_seed(200 + i)
+            lora.lora_b.copy_(torch.randn(lora.lora_b.shape, generator=g) * 0.3)
 
 
 def random_ids(n: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:

@@ -54,7 +54,9 @@ class TrainConfig:
         instruction_file: JSONL of ``{"context": ..., "question": ..., "answer": ...}`` for the ``instruction`` task.
         init_adapter: an adapter folder to start from (fine-tuning: e.g. another policy or other tasks) instead of
             the identity; it must fit the base model and ``sharedctx`` shapes.
-        trainable: ``injection`` (the cross-attention blocks) or ``injection+gates`` only gates, etc. (see `_select_params`).
+        trainable: ``injection``: every adapter parameter (the cross-attention blocks and, with
+            ``[sharedctx] upper_lora_rank > 0``, the upper layers' low-rank updates: the way to train more than the
+            paper's blocks without touching the base model); ``gates``: the gates only.
         steps: optimiser steps; batch_size rows per micro-batch; grad_accum micro-batches per step.
         lr, gate_lr, warmup, min_lr_ratio, weight_decay, clip: AdamW and schedule.
         device: ``cpu``, ``cuda``...; autocast: ``bf16`` on CUDA (``none`` to disable; ignored on the CPU).
@@ -109,8 +111,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.tasks must give non-negative weights with a positive sum, got {self.tasks}")
         if self.tasks.get("instruction") and not self.instruction_file:
             raise ValueError("the 'instruction' task needs instruction_file = a JSONL of {context, question, answer}")
-        if self.trainable not in ("injection", "gates", "injection+norm"):
-            raise ValueError(f"TrainConfig.trainable must be 'injection', 'gates' or 'injection+norm', got {self.trainable!r}")
+        if self.trainable not in ("injection", "gates"):
+            raise ValueError(
+                f"TrainConfig.trainable must be 'injection' (every adapter parameter) or 'gates', got {self.trainable!r}; "
+                "to train more than the cross-attention, set upper_lora_rank in the recipe's [sharedctx] table"
+            )
         if self.window < 2 or self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("window >= 2, steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
         SharedCtxConfig.from_dict(self.sharedctx)  # validate early
@@ -260,10 +265,11 @@ class Trainer:
         for p in llm.parameters():
             p.requires_grad_(False)
         for name, p in llm.injection.named_parameters():
-            if kind == "injection" or (kind == "gates" and name.endswith("gate")) or (kind == "injection+norm"):
+            if kind == "injection" or name.endswith("gate"):
                 p.requires_grad_(True)
-        if kind == "injection+norm":
-            llm.base.model.norm.weight.requires_grad_(True)
+        if kind == "injection":
+            for p in llm.upper_lora.parameters():
+                p.requires_grad_(True)
         return [p for p in llm.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ sampling

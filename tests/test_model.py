@@ -345,3 +345,93 @@ def test_text_tree_cache_hits_evicts_and_guards_model_identity():
         cache.tree(llm, ["not", "text"])
     with pytest.raises(ValueError, match=">= 0"):
         TextTreeCache(size=-1)
+
+
+# ---------------------------------------------------------------------- upper-layer low-rank updates
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_upper_lora_starts_as_the_base_and_acts_only_under_injection(arch):
+    base = tiny_model(arch)
+    reference = copy.deepcopy(base)
+    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=1, chunk_size=32, node_keep=4, upper_lora_rank=4))
+    assert len(llm.upper_lora) == 3 * 2  # q, v, o of the two layers above the bottom one
+    ids, ctx = random_ids(10, seed=1)[None], random_ids(90, seed=2)
+    with torch.no_grad():
+        assert torch.equal(llm(ids, context=ctx).logits, reference(ids).logits)  # B = 0, gates = 0
+        set_gates(llm, 1.0)
+        with_ctx = llm(ids, context=ctx).logits
+        without = llm(ids).logits
+        for block in llm.injection:
+            block.gate.zero_()
+        lora_only = llm(ids, context=ctx).logits  # the cross-attention adds nothing now: only the LoRA acts
+    assert torch.equal(without, reference(ids).logits)  # no context: the base model exactly
+    assert (with_ctx - without).abs().max() > 1e-3
+    assert (lora_only - without).abs().max() > 1e-3
+
+
+def test_upper_lora_rows_without_states_run_the_base_model():
+    llm = make_llm(gates=1.0, upper_lora_rank=4)
+    set_gates(llm, 1.0)
+    prompts = [random_ids(7, seed=4), random_ids(9, seed=5)]
+    inj = llm.prepare_injection(random_ids(80, seed=6), prompts[0][None])
+    from sharedctx.injection import Injection
+
+    stacked = Injection.stack([inj, None])
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, 9 - p.numel() :] = p
+        mask[b, 9 - p.numel() :] = 1
+    with torch.no_grad():
+        out = llm(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), injection=stacked).logits[:, -1]
+        torch.testing.assert_close(out[1:], llm(prompts[1][None]).logits[:, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:1], llm(prompts[0][None], injection=inj).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_upper_lora_decoding_equals_full_forward_and_round_trips(tmp_path):
+    llm = make_llm(gates=1.0, upper_lora_rank=3)
+    set_gates(llm, 1.0)
+    context = llm.encode(random_ids(100, seed=4))
+    prompt, steps = random_ids(9, seed=5)[None], random_ids(5, seed=6)[None]
+    with torch.no_grad():
+        inj = llm.prepare_injection(context, prompt)
+        out = llm(prompt, injection=inj, use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        logits = [out.logits]
+        for t in range(steps.shape[1]):
+            out = llm(steps[:, t : t + 1], injection=inj, past_key_values=cache, use_cache=True)
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            logits.append(out.logits)
+        full = llm(torch.cat([prompt, steps], dim=1), context=context, query_length=prompt.shape[1]).logits
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=2e-5, rtol=1e-4)
+
+    llm.save_pretrained(tmp_path / "ad")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "ad" / "adapter.safetensors")))
+    assert {k for k in keys if k.startswith("upper_lora.")} == {f"upper_lora.{i}.lora_{ab}" for i in range(3) for ab in "ab"}
+    fresh = make_llm(upper_lora_rank=3)
+    fresh.load_adapter(tmp_path / "ad")
+    with torch.no_grad():
+        assert torch.equal(fresh(prompt, context=context).logits, llm(prompt, context=context).logits)
+    from sharedctx.errors import AdapterMismatchError
+
+    with pytest.raises(AdapterMismatchError, match="upper_lora_rank"):
+        make_llm().load_adapter(tmp_path / "ad")  # a model built without the LoRA refuses the adapter
+    with pytest.raises(ValueError, match="upper_lora_rank"):
+        SharedCtxConfig(upper_lora_rank=-1)
+
+
+def test_detach_takes_the_upper_lora_hooks_off():
+    from sharedctx.injection import detach
+
+    base = tiny_model()
+    reference = copy.deepcopy(base)
+    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=1, chunk_size=32, node_keep=4, upper_lora_rank=2))
+    set_gates(llm, 1.0)
+    ids = random_ids(6)[None]
+    inj = llm.prepare_injection(random_ids(64, seed=3), ids)
+    detach(base, llm.upper_lora)
+    from sharedctx.injection import injecting
+
+    with torch.no_grad(), injecting(inj):  # states are injected, yet the detached model is the base model
+        assert torch.equal(base(ids).logits, reference(ids).logits)

@@ -198,3 +198,22 @@ def test_default_model_loads_the_shipped_adapter():
 
     llm = SharedLLM.from_pretrained()
     assert llm.adapter_trained and llm.adapter_path == str(SHIPPED)
+
+
+def test_trainable_sets_and_the_upper_lora(tmp_path, shards):
+    llm = make_llm(**SMALL, upper_lora_rank=2)
+    trainer = Trainer(_config(tmp_path, sharedctx={**SMALL, "upper_lora_rank": 2}, steps=3, warmup=0, lr=3e-2), llm=llm, shards=shards)
+    lora_ids = {id(p) for p in llm.upper_lora.parameters()}
+    assert lora_ids and lora_ids <= {id(p) for p in trainer.params}  # "injection": every adapter parameter
+    before = {n: p.detach().clone() for n, p in llm.upper_lora.named_parameters()}
+    base_before = {n: p.detach().clone() for n, p in llm.base.named_parameters() if "cross" not in n}
+    for _ in range(3):
+        trainer.train_step()
+    assert any(not torch.equal(p, before[n]) for n, p in llm.upper_lora.named_parameters() if n.endswith("lora_b"))
+    for n, p in llm.base.named_parameters():
+        if "cross" not in n:
+            assert torch.equal(p, base_before[n]), n  # hooks, not edits: the base model's weights never change
+    gates_only = Trainer(_config(tmp_path / "g", trainable="gates"), llm=make_llm(**SMALL, upper_lora_rank=2), shards=shards)
+    assert all(n.endswith("gate") for n, p in gates_only.llm.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="upper_lora_rank"):
+        TrainConfig(trainable="injection+norm")
