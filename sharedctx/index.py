@@ -553,7 +553,7 @@ class ContextIndex:
         for (r, doc, c, (lv, ix), (s, e), st, chunk_score), score in zip(selected, scores):
             t0 = int(doc.bounds[c]) + s
             t1 = int(doc.bounds[c]) + e
-            a, b = int(doc.offsets[t0, 0]), int(doc.offsets[t1 - 1, 1])
+            a, b = _char_span(doc, t0, t1)
             out.append(Citation(doc.doc_id, c, lv, ix, a, b, t0, t1, float(score), chunk_score, st.n_states, doc.text[a:b], dict(doc.metadata)))
         return out
 
@@ -745,8 +745,14 @@ def _walk_margin(rank, span, node_scores, height, margin):
     return sorted(preserved, key=lambda item: item[1][0])
 
 
+def _char_span(doc: _Doc, t0: int, t1: int) -> tuple[int, int]:
+    """Character span of a document's tokens ``[t0, t1)`` (empty when ``t1 <= t0``)."""
+    if t1 <= t0:
+        return 0, 0
+    return int(doc.offsets[t0, 0]), int(doc.offsets[t1 - 1, 1])
+
+
 def _span_text(doc: _Doc, t0: int, t1: int) -> str:
     """Text of a document's tokens ``[t0, t1)``."""
-    if t1 <= t0:
-        return ""
-    return doc.text[int(doc.offsets[t0, 0]) : int(doc.offsets[t1 - 1, 1])]
+    a, b = _char_span(doc, t0, t1)
+    return doc.text[a:b]
