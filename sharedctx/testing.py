@@ -76,7 +76,8 @@ def byte_tokenizer():
 
 
 def make_llm(arch: str = "llama", *, seed: int = 0, gates: float | None = None, tokenizer=True, **cfg):
-    """A SharedLLM over a tiny model; ``gates`` sets every gate (None keeps the identity initialisation)."""
+    """A SharedLLM over a tiny model; ``gates`` sets every gate and randomises any upper-layer LoRA (None keeps the
+    identity initialisation)."""
     from sharedctx import SharedCtxConfig, SharedLLM
 
     defaults = dict(injection_layers=2, chunk_size=32, tree_height=3, node_keep=4)

@@ -42,8 +42,9 @@ def test_trained_gates_change_output(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("positions", ["chunk", "none"])
-def test_decoding_equals_full_forward(arch, positions):
-    llm = make_llm(arch, gates=1.0, positions=positions)
+@pytest.mark.parametrize("upper_lora_rank", [0, 3])
+def test_decoding_equals_full_forward(arch, positions, upper_lora_rank):
+    llm = make_llm(arch, gates=1.0, positions=positions, upper_lora_rank=upper_lora_rank)
     context = llm.encode(random_ids(100, seed=4))
     prompt = random_ids(9, seed=5)[None]
     steps = random_ids(6, seed=6)[None]
@@ -387,23 +388,9 @@ def test_upper_lora_rows_without_states_run_the_base_model():
         torch.testing.assert_close(out[:1], llm(prompts[0][None], injection=inj).logits[:, -1], rtol=1e-5, atol=1e-5)
 
 
-def test_upper_lora_decoding_equals_full_forward_and_round_trips(tmp_path):
+def test_upper_lora_adapter_round_trips(tmp_path):
     llm = make_llm(gates=1.0, upper_lora_rank=3)
-    set_gates(llm, 1.0)
-    context = llm.encode(random_ids(100, seed=4))
-    prompt, steps = random_ids(9, seed=5)[None], random_ids(5, seed=6)[None]
-    with torch.no_grad():
-        inj = llm.prepare_injection(context, prompt)
-        out = llm(prompt, injection=inj, use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        logits = [out.logits]
-        for t in range(steps.shape[1]):
-            out = llm(steps[:, t : t + 1], injection=inj, past_key_values=cache, use_cache=True)
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            logits.append(out.logits)
-        full = llm(torch.cat([prompt, steps], dim=1), context=context, query_length=prompt.shape[1]).logits
-    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=2e-5, rtol=1e-4)
-
+    context, prompt = llm.encode(random_ids(100, seed=4)), random_ids(9, seed=5)[None]
     llm.save_pretrained(tmp_path / "ad")
     from safetensors.torch import load_file
 
