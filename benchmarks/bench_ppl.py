@@ -13,23 +13,21 @@ Writes benchmarks/results/ppl.json and ppl.png (perplexity against N, one panel 
 
 The held-out code file has about 100K tokens and the TeX file 36K. For code at 128K, ``--files stdlib:code`` reads
 a longer held-out text: modules of the running Python's standard library that are not in the training data
-(`STDLIB_TEXTS`; the JSON records the Python version and the text's SHA-256, since the modules change between
+(`sharedctx.data.STDLIB_TEXTS`; the JSON records the Python version and the text's SHA-256, since the modules change between
 versions). Controls longer than one training file are files of the same kind joined in order (`CONTROLS`).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import sys
-import sysconfig
 import time
 
 import numpy as np
 import torch
 
 from _common import SHARED_DATA, add_model_args, finish, load_llm, model_info, plt
+from sharedctx.data import read_eval_text
 
 #: held-out text -> unrelated texts of the same kind (the control), joined in order as far as a length needs
 CONTROLS = {
@@ -39,29 +37,9 @@ CONTROLS = {
     "stdlib:code": ("stdlib:code-control",),
 }
 
-#: long texts from the running interpreter's standard library, none of them in ../shared/data (so never trained on)
-STDLIB_TEXTS = {
-    "stdlib:code": ("_pydecimal.py", "turtle.py", "tkinter/__init__.py", "pydoc.py", "doctest.py"),
-    "stdlib:code-control": ("ipaddress.py", "difflib.py", "enum.py", "mailbox.py", "locale.py", "optparse.py", "pickle.py", "threading.py", "shutil.py", "configparser.py"),
-}
-
-
 def read_text(name: str) -> tuple[str, dict]:
-    """The text of a file under ../shared/data, a path, or a `STDLIB_TEXTS` name; with what it was read from."""
-    if name in STDLIB_TEXTS:
-        root = sysconfig.get_paths()["stdlib"]
-        parts = []
-        for module in STDLIB_TEXTS[name]:
-            with open(os.path.join(root, module), encoding="utf-8") as fh:
-                parts.append(fh.read())
-        text = "\n\n".join(parts)
-        info = {"python": sys.version.split()[0], "modules": list(STDLIB_TEXTS[name])}
-    else:
-        path = name if os.path.isfile(name) else SHARED_DATA / name
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        info = {}
-    return text, {**info, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    """The text of a file under ../shared/data, a path, or a `sharedctx.data.STDLIB_TEXTS` name, with its source."""
+    return read_eval_text(name, SHARED_DATA)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,6 +22,8 @@ import torch
 
 __all__ = [
     "DEFAULT_HOLDOUT",
+    "STDLIB_TEXTS",
+    "read_eval_text",
     "Example",
     "TokenShards",
     "build_shards",
@@ -42,6 +44,41 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOLDOUT = ("books/pride_and_prejudice.txt", "math/pari_usersch4.tex", "code/cpython_email.py.txt")
 MANIFEST = "manifest.json"
 IGNORE = -100
+
+#: long evaluation texts from the running interpreter's standard library, none of them in ../shared/data (so
+#: never trained on): held-out code longer than ``code/cpython_email.py.txt`` (about 96K tokens), for 128K
+STDLIB_TEXTS = {
+    "stdlib:code": ("_pydecimal.py", "turtle.py", "tkinter/__init__.py", "pydoc.py", "doctest.py"),
+    "stdlib:code-control": (
+        "ipaddress.py", "difflib.py", "enum.py", "mailbox.py", "locale.py",
+        "optparse.py", "pickle.py", "threading.py", "shutil.py", "configparser.py",
+    ),
+}
+
+
+def read_eval_text(name: str, root: str | os.PathLike | None = None) -> tuple[str, dict[str, Any]]:
+    """The text of an evaluation source and where it came from.
+
+    ``name`` is a `STDLIB_TEXTS` name (modules of the running Python, joined; the Python version is recorded
+    since they change between versions), a path, or a file relative to ``root`` (e.g. ../shared/data).
+    The record always has the text's SHA-256.
+    """
+    import sys
+    import sysconfig
+
+    info: dict[str, Any] = {}
+    if name in STDLIB_TEXTS:
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        text = "\n\n".join((lib / m).read_text(encoding="utf-8") for m in STDLIB_TEXTS[name])
+        info = {"python": sys.version.split()[0], "modules": list(STDLIB_TEXTS[name])}
+    else:
+        path = Path(name)
+        if not path.is_file() and root is not None:
+            path = Path(root) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"no evaluation text {name!r} (looked in {root or 'the current folder'})")
+        text = path.read_text(encoding="utf-8")
+    return text, {**info, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 # ---------------------------------------------------------------------- sources

@@ -231,6 +231,12 @@ class Trainer:
         self.llm = llm
         self.device = torch.device(llm.device)
         self.shards = shards if shards is not None else self._shards()
+        leaked = sorted(set(config.holdout) & {d["name"] for d in self.shards.documents("train")})
+        if leaked:
+            raise ValueError(
+                f"the token shards in {self.shards.dir} train on {leaked}, which this recipe holds out: build shards "
+                "with the recipe's holdout (point `data` at an empty folder and the trainer builds them from `sources`)"
+            )
         self.params = self._select_params()
         gates = [p for n, p in llm.injection.named_parameters() if n.endswith("gate") and p.requires_grad]
         gate_ids = {id(p) for p in gates}

@@ -14,6 +14,7 @@ from sharedctx.data import build_shards
 SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "device" / "gpu_session.py"
 
 RECIPE = """
+holdout = ["a.txt", "b.txt"]
 context_chunks = [1, 2]
 window = 96
 tasks = { lm = 0.5, passkey = 0.5 }
@@ -55,7 +56,7 @@ def test_gpu_session_trains_saves_and_measures_on_the_cpu(tmp_path, one_thread):
     build_shards([corpus], byte_tokenizer(), tmp_path / "shards", holdout=["doc2.txt"])
     held = tmp_path / "heldout"
     held.mkdir()
-    for name in ("a.txt", "b.txt"):
+    for name in ("a.txt", "b.txt", "c.txt"):
         (held / name).write_text(" ".join(rng.choice(words, 300)))
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(RECIPE)
@@ -64,12 +65,15 @@ def test_gpu_session_trains_saves_and_measures_on_the_cpu(tmp_path, one_thread):
         "--recipe", str(recipe), "--model", str(model_dir), "--data", str(tmp_path / "shards"), "--heldout", str(held),
         "--heldout-files", "a.txt", "b.txt", "--out", str(out), "--device", "cpu", "--train-seconds", "60",
         "--ppl-lengths", "512", "--ppl-window", "256", "--ppl-windows", "1", "--score-last", "64",
-        "--passkey-lengths", "256", "--passkey-trials", "1",
+        "--passkey-lengths", "256", "--passkey-trials", "1", "--long-files", "b.txt", "c.txt", "--long-lengths", "512",
     ])
     assert session["training"]["steps"] == 4
     assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter.safetensors", "sharedctx_adapter.json", "training_summary.json"}
     saved = json.loads((out / "session.json").read_text())
-    assert [(r["file"], r["control_file"]) for r in saved["ppl"]] == [("a.txt", "b.txt"), ("b.txt", "a.txt")]
+    assert [(r["file"], r["control_file"]) for r in saved["ppl"]] == [("a.txt", "b.txt"), ("b.txt", "a.txt"), ("b.txt", "c.txt")]
+    # c.txt is not in the recipe's holdout: never measured as if it were unseen
+    assert saved["skipped"] == [{"eval": "ppl", "file": "c.txt", "length": 512, "reason": "the recipe trains on it (not in its holdout)"}]
+    assert set(saved["sources"]) == {"a.txt", "b.txt", "c.txt"}
     assert set(saved["ppl"][0]["modes"]) == {"adapter", "control", "window"}
     assert set(saved["passkey"]) == {"right", "lexical"}
     assert saved["timings"]["total_s"] > 0 and (out / "train_log.jsonl").is_file() and (out / "recipe_as_run.toml").is_file()

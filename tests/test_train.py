@@ -217,3 +217,9 @@ def test_trainable_sets_and_the_upper_lora(tmp_path, shards):
     assert all(n.endswith("gate") for n, p in gates_only.llm.named_parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="upper_lora_rank"):
         TrainConfig(trainable="injection+norm")
+
+
+def test_shards_that_train_on_a_held_out_file_are_refused(tmp_path, shards):
+    trained = shards.documents("train")[0]["name"]
+    with pytest.raises(ValueError, match="holds out"):
+        Trainer(_config(tmp_path, holdout=[trained]), llm=make_llm(**SMALL), shards=shards)

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sharedctx import SharedCtxConfig, SharedLLM  # noqa: E402
-from sharedctx.data import DEFAULT_HOLDOUT, TokenShards  # noqa: E402
+from sharedctx.data import DEFAULT_HOLDOUT, read_eval_text  # noqa: E402
 from sharedctx.evaluate import eval_passkey, eval_ppl, machine  # noqa: E402
 from sharedctx.train import Trainer, load_recipe  # noqa: E402
 
@@ -50,14 +50,13 @@ def load_model(args) -> tuple[torch.nn.Module, object]:
     return model.to(args.device).eval(), tok
 
 
-def heldout_tokens(tok, folder: Path, names: list[str]) -> dict[str, np.ndarray]:
-    out = {}
-    for name in names:
-        path = folder / name
-        if not path.is_file():
-            path = folder / Path(name).name  # staged flat
-        out[name] = np.asarray(tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"], dtype=np.int64)
-    return out
+def eval_tokens(tok, name: str, folder: Path) -> tuple[np.ndarray, dict]:
+    """Token ids of a held-out text (under ``folder`` as in ../shared/data, or flat there) or a stdlib text."""
+    try:
+        text, info = read_eval_text(name, folder)
+    except FileNotFoundError:
+        text, info = read_eval_text(Path(name).name, folder)  # staged flat
+    return np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64), info
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,6 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ppl-window", type=int, default=4096)
     ap.add_argument("--ppl-windows", type=int, default=4, help="stretches per file and length")
     ap.add_argument("--score-last", type=int, default=256, help="perplexity of the window's last tokens")
+    ap.add_argument("--long-files", nargs="+", default=["books/pride_and_prejudice.txt", "math/pari_usersch3.tex", "stdlib:code"],
+                    help="held-out texts long enough for --long-lengths (stdlib:code: see sharedctx.data.STDLIB_TEXTS)")
+    ap.add_argument("--long-lengths", type=int, nargs="*", default=[65536, 131072], help="one stretch per file and length")
     ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--passkey-trials", type=int, default=10)
     ap.add_argument("--passkey-policies", nargs="+", default=["trained", "lexical"], help="'trained' = the recipe's policy")
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.copy(args.recipe, out / f"recipe_as_run{Path(args.recipe).suffix}")
 
     t = time.perf_counter()
-    trainer = Trainer(cfg, llm=llm, shards=TokenShards(args.data))
+    trainer = Trainer(cfg, llm=llm)  # the shards in --data (refused if they train on a file the recipe holds out)
     summary = trainer.fit()
     timings["train_s"] = round(time.perf_counter() - t, 1)
     adapter_dir = out / "adapter"
@@ -120,25 +122,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     llm.eval()
     eval_deadline = time.perf_counter() + args.eval_seconds
-    texts = heldout_tokens(tok, Path(args.heldout), args.heldout_files)
-    names = list(texts)
+    texts, sources = {}, {}
+    for name in dict.fromkeys(args.heldout_files + (args.long_files if args.long_lengths else [])):
+        texts[name], sources[name] = eval_tokens(tok, name, Path(args.heldout))
+    session["sources"] = sources
     ppl, skipped = [], []
     t = time.perf_counter()
-    for i, name in enumerate(names):
-        control = names[(i + 1) % len(names)]  # the same adapter reading another held-out text (the control)
-        for n in args.ppl_lengths:
-            n_ctx = n - args.ppl_window
-            if time.perf_counter() > eval_deadline:
-                skipped.append({"eval": "ppl", "file": name, "length": n, "reason": "--eval-seconds spent"})
-                continue
-            if len(texts[name]) < n or len(texts[control]) < n_ctx:
-                skipped.append({"eval": "ppl", "file": name, "length": n, "reason": f"{name} or its control {control} is too short"})
-                continue
-            r = eval_ppl(llm, texts[name], total_length=n, window=args.ppl_window, score_last=args.score_last, n_windows=args.ppl_windows,
-                         modes=("adapter", "control", "window"), control_tokens=texts[control])
-            r.update(file=name, control_file=control)
-            ppl.append(r)
-            print(f"{name} N={n}: " + "  ".join(f"{m} {v['ppl']:.3f}" for m, v in r["modes"].items()), flush=True)
+    for files, lengths, windows in ((args.heldout_files, args.ppl_lengths, args.ppl_windows), (args.long_files, args.long_lengths, 1)):
+        for i, name in enumerate(files):
+            control = files[(i + 1) % len(files)]  # the same adapter reading another held-out text (the control)
+            for n in lengths:
+                if time.perf_counter() > eval_deadline:
+                    skipped.append({"eval": "ppl", "file": name, "length": n, "reason": "--eval-seconds spent"})
+                    continue
+                if not name.startswith("stdlib:") and name not in cfg.holdout:
+                    skipped.append({"eval": "ppl", "file": name, "length": n, "reason": "the recipe trains on it (not in its holdout)"})
+                    continue
+                if len(texts[name]) < n or len(texts[control]) < n - args.ppl_window:
+                    skipped.append({"eval": "ppl", "file": name, "length": n, "reason": f"{name} or its control {control} is too short"})
+                    continue
+                r = eval_ppl(llm, texts[name], total_length=n, window=args.ppl_window, score_last=args.score_last, n_windows=windows,
+                             modes=("adapter", "control", "window"), control_tokens=texts[control])
+                r.update(file=name, control_file=control)
+                ppl.append(r)
+                print(f"{name} N={n}: " + "  ".join(f"{m} {v['ppl']:.3f}" for m, v in r["modes"].items()), flush=True)
     timings["ppl_s"] = round(time.perf_counter() - t, 1)
     session["ppl"], session["skipped"] = ppl, skipped
     dump()
