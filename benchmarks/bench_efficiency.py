@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--full-max", type=int, default=16384, help="longest context full attention is run at (its cost grows as length^2)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="e.g. bfloat16 on the GPU")
+    ap.add_argument("--text-top-k", type=int, default=2, help="chunks (of C tokens) sharedctx text mode puts in the prompt (as bench_finding)")
     ap.add_argument("--filler", default=str(SHARED_DATA / "books" / "northanger_abbey.txt"), help="haystack prose")
     args = ap.parse_args(argv)
     args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768])
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     systems, not_run = {}, {}
     for name in args.systems:
         try:
-            opts = {"top_k": 10**6} if name == "sharedctx_store" else {}
+            opts = {"top_k": 10**6} if name == "sharedctx_store" else {"top_k": args.text_top_k} if name == "sharedctx_text" else {}
             systems[name] = make_system(name, llm, allow_past_window=True, **opts)
         except NotRun as exc:
             not_run[name] = str(exc)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": {
             "sharedctx_store": "ContextIndex built once (build_s), reopened, all chunks injected (top_k unbounded); times are the query only",
             "sharedctx_latent": "encode on the fly at query time (cold), all chunks injected",
-            "sharedctx_text": "ContextIndex built once (build_s), reopened; the walk's chosen nodes' text goes into the prompt (top_k chunks); times are the query only",
+            "sharedctx_text": f"ContextIndex built once (build_s), reopened; the walk's chosen nodes' text from the best {args.text_top_k} chunks goes into the prompt; times are the query only",
             "streaming": "4 sinks + recent window re-encoded; the rolling pass over evicted tokens is not run, so its time is a lower bound",
             "full": f"past the model's trained window ({llm.max_positions}) it is timed as a cost baseline only",
         },
