@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
             "sharedctx_text": f"ContextIndex built once (build_s), reopened; the walk's chosen nodes' text from the best {args.text_top_k} chunks goes into the prompt; times are the query only",
             "streaming": "4 sinks + recent window re-encoded; the rolling pass over evicted tokens is not run, so its time is a lower bound",
             "full": f"past the model's trained window ({llm.max_positions}) it is timed as a cost baseline only",
+            "correct": "whether the answer holds the needle's value; a short --max-new-tokens often stops before it, so "
+                       "this is no accuracy figure (bench_finding.py measures finding)",
         },
         "table": {r["system"]: {} for r in rows},
         "rows": rows,
