@@ -137,3 +137,16 @@ def test_bad_arguments(index, llm):
         index.as_query_engine(mode="vector")
     with pytest.raises(ValueError, match="similarity_top_k"):
         index.as_retriever(similarity_top_k=0)
+
+
+def test_lexical_policy_ranks_the_document_that_shares_the_question_words(llm, tmp_path):
+    idx = SharedContextIndex.from_documents(documents(), llm=llm, store=tmp_path / "lex", policy="lexical", top_k=1)
+    assert idx.context_index.policy == "lexical"
+    nodes = idx.as_retriever(similarity_top_k=2).retrieve("night train to Oslo platform")
+    assert {n.node.metadata["ref_doc_id"] for n in nodes} == {"trains"}  # BM25 on the text: no trained keys needed
+    idx.persist(tmp_path / "lex-saved")
+    loaded = SharedContextIndex.from_persist_dir(tmp_path / "lex-saved", llm=llm, policy="lexical", top_k=1)
+    assert loaded.context_index.policy == "lexical"
+    assert [n.node.node_id for n in loaded.as_retriever(similarity_top_k=2).retrieve("night train to Oslo platform")] == [n.node.node_id for n in nodes]
+    with pytest.raises(ValueError, match="policy must be one of"):
+        SharedContextIndex.from_documents(documents()[:1], llm=llm, policy="psychic")

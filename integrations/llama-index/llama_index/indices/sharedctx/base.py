@@ -87,13 +87,15 @@ class SharedContextIndex(BaseIndex[IndexList]):
         top_k: int = 8,
         max_injected_states: int | None = None,
         expand_margin: float | None = None,
+        policy: str | None = None,
         **kwargs: Any,
     ) -> None:
         if context_index is None:
             from sharedctx.index import ContextIndex
 
             context_index = ContextIndex(
-                _resolve_llm(llm), store, top_k=top_k, max_injected_states=max_injected_states, expand_margin=expand_margin
+                _resolve_llm(llm), store, top_k=top_k, max_injected_states=max_injected_states, expand_margin=expand_margin,
+                policy=policy,
             )
         self.context_index = context_index
         self.build_reports: list[Any] = []  # AddResult of every node added (chunks encoded / reused)
@@ -211,7 +213,7 @@ class SharedContextIndex(BaseIndex[IndexList]):
         """
         from sharedctx.index import ContextIndex
 
-        options = {k: kwargs.pop(k) for k in ("top_k", "max_injected_states", "expand_margin") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("top_k", "max_injected_states", "expand_margin", "policy") if k in kwargs}
         context_index = ContextIndex.load(persist_dir, _resolve_llm(llm), **options)
         storage_context = StorageContext.from_defaults(persist_dir=str(Path(persist_dir) / _STORAGE_DIR))
         structs = storage_context.index_store.index_structs()
