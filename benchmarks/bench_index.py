@@ -86,6 +86,26 @@ def corpus(n_tokens: int, tokenizer) -> str:
     return text[:lo]
 
 
+def measure_lazy(llm, text: str, store: Path, args) -> dict:
+    """A text-mode retriever index: ``encode="lazy"`` with the lexical policy stores text only, so building it costs
+    tokenising; its text-mode query (spans of the best 2 chunks in the prompt) runs no lower-model pass."""
+    from sharedctx.index import ContextIndex
+
+    passes = llm.encoder.passes
+    t0 = time.perf_counter()
+    with ContextIndex(llm, store, top_k=2, policy="lexical", encode="lazy") as index:
+        index.add(text, doc_id="doc")
+        build_s = time.perf_counter() - t0
+        ans = index.query(QUESTION, mode="text", max_new_tokens=args.new_tokens)
+    return {
+        "build_s": round(build_s, 3),
+        "text_first_token_s": round(ans.timings["first_token_s"], 3),
+        "text_prompt_tokens": ans.stats["prompt_tokens"],
+        "lower_passes": llm.encoder.passes - passes,
+        "answer": ans.text,
+    }
+
+
 def measure(llm, text: str, args) -> dict:
     from sharedctx.index import ContextIndex
 
@@ -116,6 +136,7 @@ def measure(llm, text: str, args) -> dict:
         best = min(warm, key=lambda w: w[1].timings["first_token_s"])
         ans = best[1]
         concurrency = measure_concurrency(llm, root / "store", args) if args.concurrent and n_tokens <= min(args.sizes) + 64 else None
+        lazy = measure_lazy(llm, text, root / "lazy", args) if args.lazy else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -141,6 +162,8 @@ def measure(llm, text: str, args) -> dict:
     row["cold_over_warm_first_token"] = round(cold_first_token_s / ans.timings["first_token_s"], 1)
     if concurrency is not None:
         row["concurrent"] = concurrency
+    if lazy is not None:
+        row["lazy_text"] = {**lazy, "eager_build_s": round(build_s, 3), "build_speedup": round(build_s / lazy["build_s"], 1)}
 
     if n_tokens <= args.full_max:
         ids = llm.tokenizer(text + "\n\n" + QUESTION, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -230,6 +253,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--full-max", type=int, default=32768, help="largest size timed with full attention")
     ap.add_argument("--concurrent", type=int, default=8, help="at the smallest size, this many questions at once, batched vs not (0: skip)")
+    ap.add_argument("--lazy", action="store_true", help="also build a lazy lexical index (text only) and time a text-mode query")
     ap.add_argument("--device", default=None)
     ap.add_argument("--name", default=None, help="results file stem (default index_<device>; sizes already in it are kept)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 1K and 2K tokens (a smoke run)")

@@ -144,6 +144,13 @@ def index_rows(data: dict) -> list[str]:
             f"{r['build_s']:.1f} s; {r['cold_first_token_s']:.2f} s / {r['warm_first_token_s']:.2f} s "
             f"({r['warm_injected_states']} states from {r['warm_chunks_selected']} chunks){full} | {cmd} | {mach} |"
         )
+        lz = r.get("lazy_text")
+        if lz:
+            rows.append(
+                f"| text-mode retriever over {_k(r['tokens'])} tokens: `ContextIndex(encode=\"lazy\", policy=\"lexical\")` build vs the eager build; "
+                f"time to first token of a text-mode answer ({lz['text_prompt_tokens']} prompt tokens) | {lz['build_s']:.2f} s vs {lz['eager_build_s']:.1f} s "
+                f"({lz['build_speedup']:.0f}x, {lz['lower_passes']} lower-model passes); {lz['text_first_token_s']:.2f} s | {cmd} | {mach} |"
+            )
         c = r.get("concurrent")
         if c:
             rows.append(

@@ -126,6 +126,8 @@ def _open_index(args, *, create: bool):
         options["max_injected_states"] = args.max_injected_states
     if getattr(args, "size_limit", None):
         options["size_limit"] = int(args.size_limit * 2**20)
+    if getattr(args, "lazy", False):
+        options["encode"] = "lazy"
     return llm, ContextIndex(llm, args.store, **options)
 
 
@@ -143,7 +145,9 @@ def _cmd_index_add(args) -> int:
     else:
         print(
             f"{report.documents} documents, {report.tokens} tokens, {report.chunks} chunks: "
-            f"{report.chunks_encoded} encoded, {report.chunks_reused} reused ({payload['timings']['build_s']:.2f} s)"
+            f"{report.chunks_encoded} encoded, {report.chunks_reused} reused"
+            + (f", {report.chunks_deferred} left to encode on first latent use" if report.chunks_deferred else "")
+            + f" ({payload['timings']['build_s']:.2f} s)"
         )
         for path, reason in report.skipped:
             print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -283,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--store", required=True, metavar="DIR")
     add.add_argument("--size-limit", type=float, default=None, metavar="MiB", help="node store size limit (default 4096)")
     add.add_argument("--json", action="store_true", help="print the build report as JSON")
+    add.add_argument("--lazy", action="store_true",
+                     help="store text only and encode a chunk when a latent query first needs it (needs --policy lexical)")
     _add_model_args(add)
     add.set_defaults(func=_cmd_index_add)
     lst = isub.add_parser("list", help="list the documents of an index")

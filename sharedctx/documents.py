@@ -77,6 +77,7 @@ class AddResult:
     chunks_encoded: int
     chunks_reused: int
     unchanged: bool = False  # the same document was already indexed: nothing written
+    chunks_deferred: int = 0  # ContextIndex(encode="lazy"): left to encode when a latent query first needs them
     replaced: bool = False  # a document of this id was replaced
 
 
@@ -102,6 +103,10 @@ class BuildReport:
         return sum(r.chunks_reused for r in self.added)
 
     @property
+    def chunks_deferred(self) -> int:
+        return sum(r.chunks_deferred for r in self.added)
+
+    @property
     def tokens(self) -> int:
         return sum(r.tokens for r in self.added)
 
@@ -112,6 +117,7 @@ class BuildReport:
             "chunks": self.chunks,
             "chunks_encoded": self.chunks_encoded,
             "chunks_reused": self.chunks_reused,
+            "chunks_deferred": self.chunks_deferred,
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "added": [asdict(r) for r in self.added],
         }

@@ -49,6 +49,7 @@ from .documents import (
 from .errors import InputError
 from .generation import SAMPLING_FIELDS, MicroBatcher, SamplingOptions
 from .model import SharedLLM
+from .ops.sampling import sample_indices
 from .ops.scoring import BM25, cosine_scores
 from .policy import make_chooser, rank_chunks, walk_trees
 from .store import DEFAULT_SIZE_LIMIT, StoreError, TreeStore
@@ -85,6 +86,10 @@ class ContextIndex:
             ``lexical`` ranks chunks and expands children by BM25 of their text for the question's words;
             ``query`` by cosine of hidden-state keys (the paper's); ``right``/``left``/``random`` rank by keys and
             walk blindly. `benchmarks/bench_selection.py` measures how often each puts the answer's chunk first.
+        encode: ``eager`` runs the lower model over every chunk as it is added (the paper's "encode once, query
+            many times"); ``lazy`` (with the ``lexical`` policy, which needs no keys) adds only the text and
+            encodes a chunk the first time a ``latent`` or ``hybrid`` query injects it, so building an index for
+            `retrieve` and ``text`` mode costs tokenising only. Chunks encoded later are stored like any other.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class ContextIndex:
         max_batch_queries: int = 8,
         batch_wait_s: float = 0.002,
         policy: str | None = None,
+        encode: str = "eager",
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -114,6 +120,14 @@ class ContextIndex:
         if expand_margin is not None and policy not in ("query", "lexical"):
             raise ValueError(f"expand_margin needs the 'query' or 'lexical' policy, not {policy!r}")
         self.policy = policy
+        if encode not in ("eager", "lazy"):
+            raise ValueError(f"encode must be 'eager' or 'lazy', got {encode!r}")
+        if encode == "lazy" and policy != "lexical":
+            raise ValueError(
+                f"encode='lazy' needs policy='lexical': the {policy!r} policy ranks chunks by keys that only encoding "
+                "makes; use encode='eager' with it"
+            )
+        self.encode = encode
         if llm.tokenizer is None:
             raise ValueError("a ContextIndex needs a SharedLLM with a tokenizer (documents are text)")
         self.llm = llm
@@ -165,6 +179,8 @@ class ContextIndex:
         for doc in docs:
             for key, c in zip(doc.chunk_keys, range(doc.n_chunks)):
                 if key not in target.store:
+                    if self.encode == "lazy" and key not in self.store:
+                        continue  # never needed yet: the copy encodes it when a query does
                     nodes = self._chunk_nodes(doc, c, {"chunks_encoded": 0, "chunks_cached": 0})
                     target.store.put_chunk(key, nodes, n_tokens=doc.chunk_ids(c).numel())
             target.table.put(doc)
@@ -295,7 +311,8 @@ class ContextIndex:
         ids_parts, off_parts, keys, roots = [], [], [], []
         pending: dict[str, list[int]] = {}
         pending_ids: dict[str, torch.Tensor] = {}
-        encoded = reused = 0
+        encoded = reused = deferred = 0
+        unknown_root = torch.full((self.llm.base.config.hidden_size,), float("nan"))  # lazy chunks have no key yet
 
         def flush() -> None:
             nonlocal encoded
@@ -332,6 +349,10 @@ class ContextIndex:
                 roots[i] = nodes[(0, 0)].key
                 reused += 1
                 continue
+            if self.encode == "lazy":
+                roots[i] = unknown_root
+                deferred += 1
+                continue
             pending[key] = [i]
             pending_ids[key] = chunk.ids
             if len(pending) >= self.batch_chunks:
@@ -341,7 +362,7 @@ class ContextIndex:
             raise InputError(f"document {doc_id!r} has no tokens to index")
         ids = torch.cat(ids_parts)
         lengths = torch.tensor([0] + [p.numel() for p in ids_parts])
-        result = AddResult(doc_id, int(ids.numel()), len(keys), encoded, reused)
+        result = AddResult(doc_id, int(ids.numel()), len(keys), encoded, reused, chunks_deferred=deferred)
         if old is not None and old.chunk_keys == keys and old.text == text and old.metadata == metadata:
             result.unchanged = True
             return result
@@ -417,8 +438,6 @@ class ContextIndex:
         its span (indices ``< l``) and the node key is read at the span's own last token. Content-defined chunks
         have many distinct lengths, so batching only equal lengths would run almost one pass per node.
         """
-        from .ops.sampling import sample_indices
-
         cfg = self.llm.config
         encoder = self.llm.encoder
         n_layers = cfg.injection_layers if full else 1
@@ -518,20 +537,36 @@ class ContextIndex:
             def score_fn(items):
                 return lexicon.scores(question, [_span_text(d, int(d.bounds[c]) + a, int(d.bounds[c]) + b) for d, c, (a, b), _ in items])
         else:
+            if bool(torch.isnan(root_keys).any()):
+                raise InputError(
+                    f"documents of the index {self.directory} were added with encode='lazy' and have no keys for the "
+                    f"{self.policy!r} policy: query it with policy='lexical', or add them again to an eager index"
+                )
             qkey = self.llm.query_keys(prompt_ids.reshape(1, -1).to(self.llm.device), [prompt_ids.numel()])[0].cpu()
             chunk_scores = cosine_scores(qkey, root_keys)
 
             def score_fn(items):
-                return cosine_scores(qkey, torch.stack([st.key for _, _, _, st in items]))
+                return cosine_scores(qkey, torch.stack([state().key for _, _, _, state in items]))
 
         budgets = [self._chunk_budget(int(d.bounds[c + 1] - d.bounds[c])) for d, c in entries]
         kept = rank_chunks(scores=chunk_scores, top_k=top_k or self.top_k, states_per_chunk=budgets, max_states=max_states)
         kept.sort()  # document order: chunk positions follow it
-        loaded = {rank: self._chunk_nodes(*entries[g], counts) for rank, g in enumerate(kept)}
         spans = {rank: (0, int(entries[g][0].chunk_ids(entries[g][1]).numel())) for rank, g in enumerate(kept)}
+        loaded: dict[int, dict[tuple[int, int], NodeStates]] = {}
+
+        def state_of(r: int, node: tuple[int, int]):
+            """A zero-argument loader of a kept node's states: the store is read (or the chunk encoded) on the
+            first call only, so retrieval under the lexical policy never touches states it does not inject."""
+
+            def load() -> NodeStates:
+                if r not in loaded:
+                    loaded[r] = self._chunk_nodes(*entries[kept[r]], counts)
+                return loaded[r][node]
+
+            return load
 
         def node_scores(node_ids, node_spans):
-            return score_fn([(*entries[kept[r]], sp, loaded[r][(lv, ix)]) for (r, lv, ix), sp in zip(node_ids, node_spans)])
+            return score_fn([(*entries[kept[r]], sp, state_of(r, (lv, ix))) for (r, lv, ix), sp in zip(node_ids, node_spans)])
 
         if self.expand_margin is None:
             chooser = make_chooser(self.policy, scores_fn=node_scores, generator=torch.Generator().manual_seed(cfg.seed))
@@ -540,9 +575,8 @@ class ContextIndex:
             walked = [item for r in sorted(spans) for item in _walk_margin(r, spans[r], node_scores, cfg.tree_height, self.expand_margin)]
         selected = []
         for (r, lv, ix), span in walked:
-            st = loaded[r][(lv, ix)]
             doc, c = entries[kept[r]]
-            selected.append((r, doc, c, (lv, ix), span, st, float(chunk_scores[kept[r]])))
+            selected.append((r, doc, c, (lv, ix), span, state_of(r, (lv, ix)), float(chunk_scores[kept[r]])))
         return selected, score_fn, counts
 
     def _citations(self, selected, score_fn) -> list[Citation]:
@@ -550,11 +584,13 @@ class ContextIndex:
             return []
         scores = score_fn([(doc, c, span, st) for _, doc, c, _, span, st, _ in selected]).tolist()
         out = []
-        for (r, doc, c, (lv, ix), (s, e), st, chunk_score), score in zip(selected, scores):
+        keep, sampling = self.llm.config.node_keep, self.llm.config.sampling
+        for (r, doc, c, (lv, ix), (s, e), _, chunk_score), score in zip(selected, scores):
             t0 = int(doc.bounds[c]) + s
             t1 = int(doc.bounds[c]) + e
             a, b = _char_span(doc, t0, t1)
-            out.append(Citation(doc.doc_id, c, lv, ix, a, b, t0, t1, float(score), chunk_score, st.n_states, doc.text[a:b], dict(doc.metadata)))
+            n_states = len(sample_indices(e - s, keep, sampling))  # what injecting the node reads (no state loaded)
+            out.append(Citation(doc.doc_id, c, lv, ix, a, b, t0, t1, float(score), chunk_score, n_states, doc.text[a:b], dict(doc.metadata)))
         return out
 
     def _prompt_ids(self, question: str) -> torch.Tensor:
@@ -590,7 +626,7 @@ class ContextIndex:
         citations = self._citations(selected, score_fn)
         injection = None
         if mode in ("latent", "hybrid") and selected:
-            rows = [[((r, lv, ix), span, st) for r, _, _, (lv, ix), span, st, _ in selected]]
+            rows = [[((r, lv, ix), span, state()) for r, _, _, (lv, ix), span, state, _ in selected]]
             injection = self.llm.assemble_injection(rows)
         prompt = qids if prompt is None else prompt
         dropped = 0

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_index_quick():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_index.py"), "--quick", "--threads", "1"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_index.py"), "--quick", "--threads", "1", "--lazy"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((ROOT / "benchmarks" / "results" / "index_quick.json").read_text())
@@ -27,3 +27,5 @@ def test_bench_index_quick():
     assert batched["queries"] == 4 and batched["same_answers"] is True
     assert batched["batched"]["largest_batch"] > 1 and batched["batched_speedup"] > 0
     assert "concurrent" not in data["results"][1]
+    for r in data["results"]:  # the lazy text-mode index runs no lower-model pass to build or answer
+        assert r["lazy_text"]["lower_passes"] == 0 and r["lazy_text"]["build_s"] > 0 and r["lazy_text"]["text_first_token_s"] > 0

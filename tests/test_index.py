@@ -331,3 +331,39 @@ def test_eviction_then_recompute(llm, tmp_path):
     ans = index.query(QUESTIONS[4], max_new_tokens=4, top_k_chunks=8)
     assert ans.stats["chunks_encoded"] + ans.stats["chunks_cached"] == ans.stats["chunks_selected"]
     assert ans.stats["chunks_encoded"] > 0
+
+
+# ---------------------------------------------------------------------- lazy encoding
+def test_lazy_index_encodes_nothing_to_add_and_retrieve_and_equals_eager(llm, tmp_path, monkeypatch):
+    eager = build(llm, tmp_path / "eager", policy="lexical")
+    calls = []
+    real = ContextIndex._encode_chunks
+    monkeypatch.setattr(ContextIndex, "_encode_chunks", lambda self, chunks: calls.append(len(chunks)) or real(self, chunks))
+    lazy = ContextIndex(llm, tmp_path / "lazy", policy="lexical", encode="lazy")
+    for i in range(3):
+        r = lazy.add(document(i), doc_id=f"doc{i}", metadata={"n": i})
+        assert r.chunks_encoded == 0 and r.chunks_deferred == r.chunks > 1
+    for q in QUESTIONS[:6]:  # retrieval and text-mode answers: no lower-model pass at all, the same results
+        cites = [(c.doc_id, c.chunk, c.level, c.index, c.score, c.n_states, c.text) for c in lazy.retrieve(q)]
+        assert cites == [(c.doc_id, c.chunk, c.level, c.index, c.score, c.n_states, c.text) for c in eager.retrieve(q)]
+        assert answer_key(lazy.query(q, mode="text", max_new_tokens=4)) == answer_key(eager.query(q, mode="text", max_new_tokens=4))
+    assert calls == []
+    # a latent query encodes the chunks it injects, once, and answers as the eager index does
+    first = lazy.query(QUESTIONS[0], mode="latent", max_new_tokens=5)
+    assert first.stats["chunks_encoded"] > 0 and calls
+    assert answer_key(first) == answer_key(eager.query(QUESTIONS[0], mode="latent", max_new_tokens=5))
+    again = lazy.query(QUESTIONS[0], mode="latent", max_new_tokens=5)
+    assert again.stats["chunks_encoded"] == 0 and answer_key(again) == answer_key(first)
+    # reopened, a lazy index keeps its chunks' text; a key-based policy is refused with the reason
+    lazy.close()
+    reopened = ContextIndex.load(tmp_path / "lazy", llm, policy="lexical")
+    assert answer_key(reopened.query(QUESTIONS[1], mode="text", max_new_tokens=4)) == answer_key(eager.query(QUESTIONS[1], mode="text", max_new_tokens=4))
+    reopened.close()
+    with ContextIndex.load(tmp_path / "lazy", llm, policy="query") as keyed:
+        with pytest.raises(Exception, match="encode='lazy'"):
+            keyed.retrieve(QUESTIONS[0])
+    with pytest.raises(ValueError, match="needs policy='lexical'"):
+        ContextIndex(llm, tmp_path / "x", policy="query", encode="lazy")
+    with pytest.raises(ValueError, match="'eager' or 'lazy'"):
+        ContextIndex(llm, tmp_path / "y", policy="lexical", encode="later")
+    eager.close()

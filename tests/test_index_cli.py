@@ -71,3 +71,21 @@ def test_index_errors(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["index", "add", "--store", store, str(doc), "--model", model_dir, "--injection-layers", "2", "--chunk-size", "128"]) == 2
     assert "chunk_size" in capsys.readouterr().err
+
+
+def test_lazy_index_add_then_ask(model_dir, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(2):
+        (docs / f"d{i}.txt").write_text(document(i, paragraphs=8))
+    store = str(tmp_path / "lazy")
+    lexical = [*MODEL, "--policy", "lexical"]
+    assert main(["index", "add", "--store", store, str(docs), "--model", model_dir, *lexical, "--lazy", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["chunks_encoded"] == 0 and built["chunks_deferred"] == built["chunks"] > 0
+    assert main(["ask", "--store", store, "--model", model_dir, "--policy", "lexical", "--mode", "text", "--json", "--max-new-tokens", "3", "Which point?"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["chunks_encoded"] == 0  # text mode reads no states
+    assert main(["ask", "--store", store, "--model", model_dir, "--policy", "lexical", "--json", "--max-new-tokens", "3", "Which point?"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["chunks_encoded"] > 0  # latent: encoded on first use
+    assert main(["index", "add", "--store", store, str(docs), "--model", model_dir, "--lazy"]) == 2  # the model's policy is 'query'
+    assert "needs policy='lexical'" in capsys.readouterr().err

@@ -140,8 +140,9 @@ def test_bad_arguments(index, llm):
 
 
 def test_lexical_policy_ranks_the_document_that_shares_the_question_words(llm, tmp_path):
-    idx = SharedContextIndex.from_documents(documents(), llm=llm, store=tmp_path / "lex", policy="lexical", top_k=1)
-    assert idx.context_index.policy == "lexical"
+    idx = SharedContextIndex.from_documents(documents(), llm=llm, store=tmp_path / "lex", policy="lexical", top_k=1, encode="lazy")
+    assert idx.context_index.policy == "lexical" and idx.context_index.encode == "lazy"
+    assert all(r.chunks_encoded == 0 and r.chunks_deferred == r.chunks for r in idx.build_reports)
     nodes = idx.as_retriever(similarity_top_k=2).retrieve("night train to Oslo platform")
     assert {n.node.metadata["ref_doc_id"] for n in nodes} == {"trains"}  # BM25 on the text: no trained keys needed
     idx.persist(tmp_path / "lex-saved")

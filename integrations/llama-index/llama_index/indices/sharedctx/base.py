@@ -88,6 +88,7 @@ class SharedContextIndex(BaseIndex[IndexList]):
         max_injected_states: int | None = None,
         expand_margin: float | None = None,
         policy: str | None = None,
+        encode: str = "eager",
         **kwargs: Any,
     ) -> None:
         if context_index is None:
@@ -95,7 +96,7 @@ class SharedContextIndex(BaseIndex[IndexList]):
 
             context_index = ContextIndex(
                 _resolve_llm(llm), store, top_k=top_k, max_injected_states=max_injected_states, expand_margin=expand_margin,
-                policy=policy,
+                policy=policy, encode=encode,
             )
         self.context_index = context_index
         self.build_reports: list[Any] = []  # AddResult of every node added (chunks encoded / reused)
@@ -213,7 +214,7 @@ class SharedContextIndex(BaseIndex[IndexList]):
         """
         from sharedctx.index import ContextIndex
 
-        options = {k: kwargs.pop(k) for k in ("top_k", "max_injected_states", "expand_margin", "policy") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("top_k", "max_injected_states", "expand_margin", "policy", "encode") if k in kwargs}
         context_index = ContextIndex.load(persist_dir, _resolve_llm(llm), **options)
         storage_context = StorageContext.from_defaults(persist_dir=str(Path(persist_dir) / _STORAGE_DIR))
         structs = storage_context.index_store.index_structs()
