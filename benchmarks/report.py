@@ -73,7 +73,8 @@ def finding_rows(data: dict) -> list[str]:
             for n, v in done.items()
         )
         if system in data.get("skipped", {}):
-            cells += "; " + "; ".join(sorted(set(data["skipped"][system].values())))
+            why = "; ".join(sorted(set(data["skipped"][system].values())))
+            cells = f"{cells}; {why}" if per.get(system) else f"not run: {why}"
         note = f"; {_adapter(data)}" if system.startswith("sharedctx_latent") else ""
         policy = (data.get("config") or {}).get("policy")
         if system.startswith("sharedctx") and policy:

@@ -142,3 +142,24 @@ def test_selection_quick(bench):
         cell = per["512"]
         assert 0.0 <= cell["recall@1"] <= cell["recall@2"] <= cell["recall@8"] <= 1.0
     assert (bench[1] / "selection_quick.png").is_file()
+
+
+def test_offline_tiktoken_serves_a_local_cl100k_as_tiktoken_cache(bench, tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+
+    import _systems
+
+    site = tmp_path / "site"
+    (site / "tiktoken_ext" / "data").mkdir(parents=True)
+    (site / "tiktoken_ext" / "data" / "cl100k_base.tiktoken").write_bytes(b"ranks")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("SHAREDCTX_HOME", str(tmp_path / "home"))
+    cache = _systems.offline_tiktoken()
+    name = hashlib.sha1(b"https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken").hexdigest()
+    assert cache == str(tmp_path / "home" / "tiktoken") and (tmp_path / "home" / "tiktoken" / name).read_bytes() == b"ranks"
+    import os
+
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == cache
