@@ -65,14 +65,15 @@ def test_gpu_session_trains_saves_and_measures_on_the_cpu(tmp_path, one_thread):
         "--recipe", str(recipe), "--model", str(model_dir), "--data", str(tmp_path / "shards"), "--heldout", str(held),
         "--heldout-files", "a.txt", "b.txt", "--out", str(out), "--device", "cpu", "--train-seconds", "60",
         "--ppl-lengths", "512", "--ppl-window", "256", "--ppl-windows", "1", "--score-last", "64",
-        "--passkey-lengths", "256", "--passkey-trials", "1", "--long-files", "b.txt", "c.txt", "--long-lengths", "512",
+        "--passkey-lengths", "256", "--passkey-trials", "1", "--long-files", "b.txt", "c.txt", "missing.txt", "--long-lengths", "512",
     ])
     assert session["training"]["steps"] == 4
     assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter.safetensors", "sharedctx_adapter.json", "training_summary.json"}
     saved = json.loads((out / "session.json").read_text())
     assert [(r["file"], r["control_file"]) for r in saved["ppl"]] == [("a.txt", "b.txt"), ("b.txt", "a.txt"), ("b.txt", "c.txt")]
     # c.txt is not in the recipe's holdout: never measured as if it were unseen
-    assert saved["skipped"] == [{"eval": "ppl", "file": "c.txt", "length": 512, "reason": "the recipe trains on it (not in its holdout)"}]
+    assert saved["skipped"][0]["file"] == "missing.txt" and "unreadable" in saved["skipped"][0]["reason"]
+    assert saved["skipped"][1:] == [{"eval": "ppl", "file": "c.txt", "length": 512, "reason": "the recipe trains on it (not in its holdout)"}]
     assert set(saved["sources"]) == {"a.txt", "b.txt", "c.txt"}
     assert set(saved["ppl"][0]["modes"]) == {"adapter", "control", "window"}
     assert set(saved["passkey"]) == {"right", "lexical"}

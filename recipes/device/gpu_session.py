@@ -122,13 +122,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     llm.eval()
     eval_deadline = time.perf_counter() + args.eval_seconds
-    texts, sources = {}, {}
+    texts, sources, ppl, skipped = {}, {}, [], []
     for name in dict.fromkeys(args.heldout_files + (args.long_files if args.long_lengths else [])):
-        texts[name], sources[name] = eval_tokens(tok, name, Path(args.heldout))
+        try:
+            texts[name], sources[name] = eval_tokens(tok, name, Path(args.heldout))
+        except OSError as exc:  # e.g. a standard-library module this Python lacks: measure the rest
+            skipped.append({"eval": "ppl", "file": name, "reason": f"unreadable: {exc}"})
     session["sources"] = sources
-    ppl, skipped = [], []
     t = time.perf_counter()
     for files, lengths, windows in ((args.heldout_files, args.ppl_lengths, args.ppl_windows), (args.long_files, args.long_lengths, 1)):
+        files = [f for f in files if f in texts]
         for i, name in enumerate(files):
             control = files[(i + 1) % len(files)]  # the same adapter reading another held-out text (the control)
             for n in lengths:

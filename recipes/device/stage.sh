@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage a GPU session (recipes/device/README.md): the default model in two halves (../shared/device/prepare.sh),
 # the training corpus as token shards split by file as the recipe says ($RECIPE, default recipes/smollm2-gpu.toml)
-# and the held-out texts, compressed, under the git-ignored .device/a/.
+# and the held-out texts, compressed, under the git-ignored .device/b/ (run 2 has more room: each run's working
+# tree, with the folder it carries, must stay under 64 MiB).
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
@@ -27,7 +28,12 @@ for name in recipe.holdout:
     shutil.copy(data / name, work / "heldout" / Path(name).name)
 print("held out:", list(recipe.holdout))
 PYTHON
-tar -C "$work" -cJf .device/a/shards.tar.xz shards
-tar -C "$work" -cJf .device/a/heldout.tar.xz heldout
-du -sh .device/a .device/b
-echo "working tree that travels with run 1: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes + .device/a"
+rm -f .device/a/shards.tar.xz .device/a/heldout.tar.xz
+tar -C "$work" -cJf .device/b/shards.tar.xz shards
+tar -C "$work" -cJf .device/b/heldout.tar.xz heldout
+tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+for run in a b; do
+  total=$(( tree + $(du -cb .device/$run | tail -1 | cut -f1) ))
+  echo "run with .device/$run: $(( total / 1048576 )) MiB of the 64 MiB a run may take"
+  [ "$total" -lt 67108864 ] || { echo "too large for one run: move something out of .device/$run" >&2; exit 1; }
+done
