@@ -320,7 +320,7 @@ def offline_tiktoken() -> str | None:
     import os
     import shutil
 
-    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+    if os.environ.get("TIKTOKEN_CACHE_DIR"):  # the user's (or llama-index's bundled) cache: leave it
         return os.environ["TIKTOKEN_CACHE_DIR"]
     spec = importlib.util.find_spec("tiktoken_ext")
     found = [Path(p) / "data" / "cl100k_base.tiktoken" for p in (spec.submodule_search_locations or [])] if spec else []

@@ -155,7 +155,9 @@ def test_offline_tiktoken_serves_a_local_cl100k_as_tiktoken_cache(bench, tmp_pat
     (site / "tiktoken_ext" / "data" / "cl100k_base.tiktoken").write_bytes(b"ranks")
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
-    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    # set (empty) through monkeypatch so the value offline_tiktoken writes is undone after the test: a leaked
+    # TIKTOKEN_CACHE_DIR would hide llama-index's own bundled tiktoken cache from later tests
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     monkeypatch.setenv("SHAREDCTX_HOME", str(tmp_path / "home"))
     cache = _systems.offline_tiktoken()
     name = hashlib.sha1(b"https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken").hexdigest()
