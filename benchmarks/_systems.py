@@ -139,7 +139,9 @@ class _IndexSystem:
 
         with tempfile.TemporaryDirectory(prefix="bench-index-") as d:
             t0 = time.perf_counter()
-            with ContextIndex(self.llm, Path(d) / "store", **self.options) as index:
+            # text mode under the lexical walk needs no states: its index is built lazily (text only)
+            lazy = {"encode": "lazy"} if self.mode == "text" and self.llm.config.policy == "lexical" else {}
+            with ContextIndex(self.llm, Path(d) / "store", **self.options, **lazy) as index:
                 index.add(context, doc_id="doc")
             build_s = time.perf_counter() - t0
             with ContextIndex(self.llm, Path(d) / "store", **self.options) as index:  # reopened: a warm store

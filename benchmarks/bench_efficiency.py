@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": {
             "sharedctx_store": "ContextIndex built once (build_s), reopened, all chunks injected (top_k unbounded); times are the query only",
             "sharedctx_latent": "encode on the fly at query time (cold), all chunks injected",
-            "sharedctx_text": f"ContextIndex built once (build_s), reopened; the walk's chosen nodes' text from the best {args.text_top_k} chunks goes into the prompt; times are the query only",
+            "sharedctx_text": f"ContextIndex built once (build_s; lazily, text only, under the lexical policy), reopened; the walk's chosen nodes' text from the best {args.text_top_k} chunks goes into the prompt; times are the query only",
             "streaming": "4 sinks + recent window re-encoded; the rolling pass over evicted tokens is not run, so its time is a lower bound",
             "full": f"past the model's trained window ({llm.max_positions}) it is timed as a cost baseline only",
             "correct": "whether the answer holds the needle's value; a short --max-new-tokens often stops before it, so "
