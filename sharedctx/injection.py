@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -60,6 +61,13 @@ class Injection:
     @property
     def n_states(self) -> int:
         return int(self.keys[0].shape[2]) if self.keys else 0
+
+    @functools.cached_property
+    def rows_with_states(self) -> torch.Tensor | None:
+        """``(B,)`` bool, True for rows that read at least one state; None when every row does (no mask).
+
+        Computed once per injection, which stays fixed for a whole forward or generation."""
+        return None if self.key_mask is None else self.key_mask.any(-1)
 
     def expand(self, batch: int) -> Injection:
         """The same states for ``batch`` rows (from one row)."""
@@ -269,9 +277,9 @@ class UpperLoRA(nn.Module):
             return out
         x = inputs[0]
         delta = (x.to(self.lora_a.dtype) @ self.lora_a.t()) @ self.lora_b.t() * self.scale
-        if injection.key_mask is not None and delta.dim() >= 2:
-            rows = injection.key_mask.any(-1).to(delta.dtype)  # (B,): rows without states run the base model
-            delta = delta * rows.view(-1, *([1] * (delta.dim() - 1)))
+        rows = injection.rows_with_states
+        if rows is not None and delta.dim() >= 2:  # rows without states run the base model
+            delta = delta * rows.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
         return out + delta.to(out.dtype)
 
     def remove(self) -> None:
