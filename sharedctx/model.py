@@ -209,12 +209,17 @@ class SharedLLM(nn.Module):
         self.adapter_trained = bool(meta.get("trained", True))
         self.adapter_path = str(directory)
 
+    def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The adapter's parameters, named as they are saved: the cross-attention blocks (``0.q_proj.weight``,
+        ...) and, when ``upper_lora_rank > 0``, the upper layers' low-rank updates (``upper_lora.0.lora_a``, ...).
+        What `save_pretrained` writes, `load_adapter` reads and training updates."""
+        yield from self.injection.named_parameters()
+        for name, p in self.upper_lora.named_parameters():
+            yield f"upper_lora.{name}", p
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors by name: the cross-attention blocks (``0.q_proj.weight``, ...) and, when
-        ``upper_lora_rank > 0``, the upper layers' low-rank updates (``upper_lora.0.lora_a``, ...)."""
-        state = dict(self.injection.state_dict(keep_vars=True))
-        state.update({f"upper_lora.{k}": v for k, v in self.upper_lora.state_dict(keep_vars=True).items()})
-        return {k: v.data for k, v in state.items()}
+        """The adapter's tensors by name (see `adapter_named_parameters`)."""
+        return {k: p.data for k, p in self.adapter_named_parameters()}
 
     # ------------------------------------------------------------------ properties
     @property

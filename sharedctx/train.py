@@ -238,7 +238,7 @@ class Trainer:
                 "with the recipe's holdout (point `data` at an empty folder and the trainer builds them from `sources`)"
             )
         self.params = self._select_params()
-        gates = [p for n, p in llm.injection.named_parameters() if n.endswith("gate") and p.requires_grad]
+        gates = [p for n, p in llm.adapter_named_parameters() if n.endswith("gate") and p.requires_grad]
         gate_ids = {id(p) for p in gates}
         rest = [p for p in self.params if id(p) not in gate_ids]
         groups = [g for g in ({"params": rest, "lr": config.lr}, {"params": gates, "lr": config.gate_lr, "weight_decay": 0.0}) if g["params"]]
@@ -270,11 +270,8 @@ class Trainer:
         llm, kind = self.llm, self.cfg.trainable
         for p in llm.parameters():
             p.requires_grad_(False)
-        for name, p in llm.injection.named_parameters():
+        for name, p in llm.adapter_named_parameters():
             if kind == "injection" or name.endswith("gate"):
-                p.requires_grad_(True)
-        if kind == "injection":
-            for p in llm.upper_lora.parameters():
                 p.requires_grad_(True)
         return [p for p in llm.parameters() if p.requires_grad]
 
