@@ -6,13 +6,14 @@ import asyncio
 import dataclasses
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["SamplingOptions", "SAMPLING_FIELDS", "sample_next", "StopMatcher", "iterate_in_thread", "MicroBatcher"]
+__all__ = ["SamplingOptions", "SAMPLING_FIELDS", "sample_next", "StopMatcher", "RowDecoder", "iterate_in_thread", "MicroBatcher"]
 
 
 @dataclass
@@ -98,23 +99,39 @@ class StopMatcher:
         return best
 
 
-def token_stream(
-    step: Callable[[torch.Tensor], torch.Tensor],
-    first_logits: torch.Tensor,
-    opts: SamplingOptions,
-    eos_ids: set[int],
-    generator: torch.Generator | None,
-) -> Iterator[int]:
-    """Yield generated token ids: sample from ``first_logits (1, V)``, then ``step(token (1, 1)) -> logits (1, V)``."""
-    logits = first_logits
-    for i in range(opts.max_new_tokens):
-        token = sample_next(logits, opts, generator)
-        tid = int(token[0])
-        if tid in eos_ids:
-            return
-        yield tid
-        if i + 1 < opts.max_new_tokens:
-            logits = step(token.view(1, 1))
+class RowDecoder:
+    """One answer's decoding state: sampling, end of sequence, ``max_new_tokens``, stop strings and the text
+    released so far. `SharedLLM.stream` drives one; `SharedLLM.complete_batch` one per batch row.
+
+    ``push(logits (1, V))`` samples the next token and returns the text it releases (held back while it may begin
+    a stop string); `done` tells when the answer has ended. ``finish()`` returns the text still held back.
+    """
+
+    def __init__(self, opts: SamplingOptions, eos_ids: set[int], tokenizer: Any, generator: torch.Generator | None) -> None:
+        self.opts, self.eos_ids, self.tokenizer, self.generator = opts, eos_ids, tokenizer, generator
+        self.matcher = StopMatcher(opts.stop)
+        self.generated: list[int] = []
+        self.done = opts.max_new_tokens == 0
+        self.first_token_at: float | None = None
+
+    def push(self, logits: torch.Tensor) -> str:
+        tid = int(sample_next(logits, self.opts, self.generator)[0])
+        if tid in self.eos_ids:
+            self.done = True
+            return ""
+        self.generated.append(tid)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        delta = ""
+        if self.tokenizer is not None:
+            delta = self.matcher.feed(self.tokenizer.decode(self.generated, skip_special_tokens=True))
+        self.done = self.matcher.stopped or len(self.generated) >= self.opts.max_new_tokens
+        return delta
+
+    def finish(self) -> str:
+        if self.tokenizer is None or self.matcher.stopped:
+            return ""
+        return self.matcher.feed(self.tokenizer.decode(self.generated, skip_special_tokens=True), final=True)
 
 
 async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
@@ -206,8 +223,6 @@ class MicroBatcher:
             worker.join()
 
     def _loop(self) -> None:
-        import time
-
         while True:
             try:
                 first = self._queue.get(timeout=self.idle_s)

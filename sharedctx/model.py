@@ -21,7 +21,7 @@ from . import __version__
 from .config import ADAPTER_FIELDS, LOWER_FIELDS, SharedCtxConfig
 from .encoder import LowerEncoder, cache_kwarg
 from .errors import AdapterMismatchError, ContextMismatchError, PromptTooLongError
-from .generation import SAMPLING_FIELDS, SamplingOptions, StopMatcher, sample_next, token_stream
+from .generation import SAMPLING_FIELDS, RowDecoder, SamplingOptions
 from .injection import Injection, attach, attach_upper_lora, injecting
 from .models import DEFAULT_MODEL_NAME, base_fingerprint, check_supported, load_base_model
 from .ops.scoring import BM25, cosine_scores
@@ -605,36 +605,22 @@ class SharedLLM(nn.Module):
                 injection = self.prepare_injection(tree, ids, query_text=prompt if isinstance(prompt, str) else None)
         t_inject = time.perf_counter()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        tok = self.tokenizer
-        matcher = StopMatcher(opts.stop)
-        generated: list[int] = []
-        state: dict[str, Any] = {}
-
-        def step(token: torch.Tensor) -> torch.Tensor:
-            out = self.forward(token, injection=injection, past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
-            state["cache"] = _output_cache(out)
-            return out.logits[:, -1]
-
+        row = RowDecoder(opts, self._eos_ids(), self.tokenizer, generator)
         with torch.no_grad():
             out = self.forward(ids, injection=injection, use_cache=True, logits_to_keep=1)
-            state["cache"] = _output_cache(out)
             t_prefill = time.perf_counter()
-            first_token_at = None
-            for tid in token_stream(step, out.logits[:, -1], opts, self._eos_ids(), generator):
-                generated.append(tid)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if tok is None:
-                    continue
-                delta = matcher.feed(tok.decode(generated, skip_special_tokens=True))
+            while not row.done:
+                delta = row.push(out.logits[:, -1])
                 if delta:
                     yield delta
-                if matcher.stopped:
+                if row.done:
                     break
-            if tok is not None and not matcher.stopped:
-                tail = matcher.feed(tok.decode(generated, skip_special_tokens=True), final=True)
-                if tail:
-                    yield tail
+                token = torch.tensor([[row.generated[-1]]], device=self.device)
+                out = self.forward(token, injection=injection, past_key_values=_output_cache(out), use_cache=True, logits_to_keep=1)
+            tail = row.finish()
+            if tail:
+                yield tail
+        generated, first_token_at = row.generated, row.first_token_at
         end = time.perf_counter()
         stats.update(
             {
@@ -714,56 +700,42 @@ class SharedLLM(nn.Module):
             mask[b, width - r.numel() :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         injection = Injection.stack(injections)
-        gens = [torch.Generator().manual_seed(o.seed) if o.seed is not None else None for o in opts]
-        matchers = [StopMatcher(o.stop) for o in opts]
-        generated: list[list[int]] = [[] for _ in range(n)]
+        decoders = [RowDecoder(o, eos, tok, torch.Generator().manual_seed(o.seed) if o.seed is not None else None) for o in opts]
         texts = [""] * n
-        done = [o.max_new_tokens == 0 for o in opts]
-        first_at: list[float | None] = [None] * n
         end_at: list[float | None] = [None] * n
         t_inject = time.perf_counter()
         with torch.no_grad():
             out = self.forward(input_ids, attention_mask=mask, position_ids=positions, injection=injection, use_cache=True, logits_to_keep=1)
-            cache, logits = _output_cache(out), out.logits[:, -1]
             t_prefill = time.perf_counter()
-            while not all(done):
+            while not all(d.done for d in decoders):
+                logits = out.logits[:, -1]
                 step_tokens = torch.full((n, 1), pad, dtype=torch.long, device=self.device)
-                for b in range(n):
-                    if done[b]:
+                for b, d in enumerate(decoders):
+                    if d.done:
                         continue
-                    tid = int(sample_next(logits[b : b + 1], opts[b], gens[b])[0])
-                    if tid in eos:
-                        done[b] = True
-                        continue
-                    generated[b].append(tid)
-                    step_tokens[b, 0] = tid
-                    if first_at[b] is None:
-                        first_at[b] = time.perf_counter()
-                    if tok is not None:
-                        texts[b] += matchers[b].feed(tok.decode(generated[b], skip_special_tokens=True))
-                    done[b] = matchers[b].stopped or len(generated[b]) >= opts[b].max_new_tokens
+                    texts[b] += d.push(logits[b : b + 1])
+                    if not d.done:
+                        step_tokens[b, 0] = d.generated[-1]
                 now = time.perf_counter()
-                for b in range(n):
-                    if done[b] and end_at[b] is None:
+                for b, d in enumerate(decoders):
+                    if d.done and end_at[b] is None:
                         end_at[b] = now
-                if all(done):
+                if all(d.done for d in decoders):
                     break
                 mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
                 positions = positions[:, -1:] + 1
                 out = self.forward(
                     step_tokens, attention_mask=mask, position_ids=positions, injection=injection,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1,
-                )
-                cache, logits = _output_cache(out), out.logits[:, -1]
+                    past_key_values=_output_cache(out), use_cache=True, logits_to_keep=1,
+                )  # rows that have ended are carried along; what they read is never used
         end = time.perf_counter()
         results = []
-        for b in range(n):
-            if tok is not None and not matchers[b].stopped:
-                texts[b] += matchers[b].feed(tok.decode(generated[b], skip_special_tokens=True), final=True)
+        for b, d in enumerate(decoders):
+            texts[b] += d.finish()
             row_end = end_at[b] or end
             stats = {
                 "prompt_tokens": int(rows[b].numel()),
-                "generated_tokens": len(generated[b]),
+                "generated_tokens": len(d.generated),
                 "injected_states": 0 if injections[b] is None else injections[b].n_states,
                 "injected_nodes": [] if injections[b] is None or not injections[b].nodes else [vars(x) for x in injections[b].nodes[0]],
                 "batch_size": n,
@@ -771,12 +743,12 @@ class SharedLLM(nn.Module):
             timings = {
                 "inject_s": t_inject - t0,
                 "prefill_s": t_prefill - t_inject,
-                "first_token_s": (first_at[b] or row_end) - t0,
+                "first_token_s": (d.first_token_at or row_end) - t0,
                 "decode_s": row_end - t_prefill,
                 "total_s": row_end - t0,
-                "tokens_per_s": len(generated[b]) / max(row_end - t_prefill, 1e-9),
+                "tokens_per_s": len(d.generated) / max(row_end - t_prefill, 1e-9),
             }
-            results.append(Completion(text=texts[b], token_ids=generated[b], stats=stats, timings=timings))
+            results.append(Completion(text=texts[b], token_ids=d.generated, stats=stats, timings=timings))
         return results
 
     def generate(self, prompt: str | Sequence[int] | torch.Tensor, *, context: ContextLike | None = None, **kwargs: Any) -> str:

@@ -102,3 +102,34 @@ def test_iterate_in_thread_yields_items_and_reraises():
     llm = make_llm(gates=1.0)
     streamed = asyncio.run(collect(lambda: llm.stream("hi", context="text " * 20, max_new_tokens=6)))
     assert "".join(streamed) == llm.generate("hi", context="text " * 20, max_new_tokens=6)
+
+
+def test_row_decoder_ends_at_eos_max_tokens_and_stop_strings():
+    from conftest import byte_tokenizer
+    from sharedctx.generation import RowDecoder
+
+    tok = byte_tokenizer()
+    ids = tok("abEND", add_special_tokens=False)["input_ids"]
+
+    def logits_for(tid: int) -> torch.Tensor:
+        out = torch.full((1, 300), -1e9)
+        out[0, tid] = 0.0
+        return out
+
+    row = RowDecoder(SamplingOptions(max_new_tokens=10), {2}, tok, None)
+    assert row.push(logits_for(ids[0])) == "a" and not row.done and row.first_token_at is not None
+    assert row.push(logits_for(2)) == "" and row.done and row.generated == [ids[0]]  # end of sequence: not kept
+    assert row.finish() == ""
+
+    row = RowDecoder(SamplingOptions(max_new_tokens=10, stop=["END"]), {2}, tok, None)
+    released = "".join(row.push(logits_for(t)) for t in ids[:3])  # "abE": "E" may begin the stop string
+    assert released == "ab" and not row.done
+    assert row.push(logits_for(ids[3])) == "" and not row.done  # "EN" held back too
+    assert row.push(logits_for(ids[4])) == "" and row.done and row.finish() == ""  # stopped: "END" never released
+
+    row = RowDecoder(SamplingOptions(max_new_tokens=2, stop=["zz"]), {2}, tok, None)
+    row.push(logits_for(ids[0]))
+    assert row.push(logits_for(ids[1])) == "b" and row.done and row.generated == ids[:2]  # max_new_tokens
+    assert RowDecoder(SamplingOptions(max_new_tokens=0), {2}, tok, None).done
+    untokenized = RowDecoder(SamplingOptions(max_new_tokens=3, stop=["a"]), {2}, None, None)
+    assert untokenized.push(logits_for(ids[0])) == "" and not untokenized.done and untokenized.finish() == ""
