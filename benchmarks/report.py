@@ -1,19 +1,26 @@
-"""Regenerate the README's results table from benchmarks/results/*.json.
+"""Write the full results table, grouped by benchmark, to docs/results.md from benchmarks/results/*.json.
 
-    python benchmarks/report.py          # rewrites the block between the results markers in README.md
+    python benchmarks/report.py            # rewrites docs/results.md
+    python benchmarks/report.py --check    # exits 1 when docs/results.md is not what the JSON gives
+
+Every figure is printed as the JSON holds it, with the command that produced it and the machine it ran on. No row
+names a machine-local path: an adapter read from a copy outside the repository is named by the shipped adapter
+with the same SHA-256 (or as not shipped, with its SHA-256), and so is the ``--adapter`` argument of its command.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+import hashlib
 import json
-import re
+import sys
 from pathlib import Path
-
-from _common import adapter_sha256  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+PAGE = ROOT / "docs" / "results.md"
+ADAPTERS = ROOT / "sharedctx" / "adapters"
 
 
 def _machine(m: dict) -> str:
@@ -22,19 +29,66 @@ def _machine(m: dict) -> str:
     return f"{where}, torch {m.get('torch')}{load}"
 
 
+@functools.cache
+def _shipped() -> dict[str, str]:
+    """SHA-256 of each shipped adapter's weights (as the benchmarks record it: of ``adapter.safetensors``) -> its
+    folder, relative to the repository. Read here rather than imported, so the report needs neither torch nor
+    sharedctx."""
+    return {
+        hashlib.sha256(p.read_bytes()).hexdigest(): p.parent.relative_to(ROOT).as_posix()
+        for p in sorted(ADAPTERS.glob("*/adapter.safetensors"))
+    }
+
+
+def adapter_where(path: str, sha256: str | None) -> str:
+    """The adapter a run read, as a reader of the repository can find it: the shipped adapter with the same
+    weights (wherever the run's copy was), the path inside the repository, or "not shipped (sha256 …)";
+    never a machine-local path."""
+    if sha256 and sha256 in _shipped():
+        return _shipped()[sha256]
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    if p.is_relative_to(ROOT):
+        return p.relative_to(ROOT).as_posix()
+    return f"not shipped (sha256 {sha256[:8]}…)" if sha256 else "not shipped (weights not recorded)"
+
+
 def _adapter(data: dict) -> str:
     a = data.get("adapter") or {}
     if not a.get("path"):
         return "identity adapter (untrained: the context is not read)"
-    path = Path(a["path"])
-    shipped = {adapter_sha256(p.parent): p.parent for p in (ROOT / "sharedctx" / "adapters").glob("*/adapter.safetensors")}
-    if path.is_relative_to(ROOT):
-        where = str(path.relative_to(ROOT))
-    elif a.get("sha256") in shipped:
-        where = f"{shipped[a['sha256']].relative_to(ROOT)} (the same weights, copied to {path})"
-    else:
-        where = f"{path.name} (not shipped: {path})"
-    return f"adapter {where}" + ("" if a.get("trained") else " (untrained)")
+    return f"adapter {adapter_where(a['path'], a.get('sha256'))}" + ("" if a.get("trained") else " (untrained)")
+
+
+def _adapters_read(data) -> dict[str, str | None]:
+    """Every adapter a result file records (``{"path", "sha256"}`` anywhere in it): path -> SHA-256."""
+    found: dict[str, str | None] = {}
+    if isinstance(data, dict):
+        if isinstance(data.get("path"), str) and "sha256" in data:
+            found[data["path"]] = data["sha256"]
+        for v in data.values():
+            found.update(_adapters_read(v))
+    elif isinstance(data, list):
+        for v in data:
+            found.update(_adapters_read(v))
+    return found
+
+
+def _command(data: dict, command: str | None = None) -> str:
+    """The run's command as a reader runs it from the repository root, without machine-local paths: the
+    ``--adapter`` folder becomes the shipped adapter with the same weights (``ADAPTER`` when none ships), a path
+    inside the repository becomes relative, and any other absolute path is shortened to ``<its name>``."""
+    words = (command or data["command"]).split(" ")
+    adapters = _adapters_read(data)
+    for i, w in enumerate(words):
+        if i and words[i - 1] == "--adapter":
+            where = adapter_where(w, adapters.get(w))
+            words[i] = "ADAPTER" if where.startswith("not shipped") else where
+        elif w.startswith("/"):
+            p = Path(w)
+            words[i] = p.relative_to(ROOT).as_posix() if p.is_relative_to(ROOT) else f"<{p.name}>"
+    return f"`python benchmarks/{' '.join(words)}`"
 
 
 def _k(n) -> str:
@@ -43,7 +97,7 @@ def _k(n) -> str:
 
 
 def ppl_rows(data: dict) -> list[str]:
-    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    cmd, mach = _command(data), _machine(data["machine"])
     rows = []
     for r in data["results"]:
         cells = ", ".join(f"{m} {v['ppl']:.2f}" for m, v in r["modes"].items())
@@ -59,7 +113,7 @@ def ppl_rows(data: dict) -> list[str]:
 
 
 def finding_rows(data: dict) -> list[str]:
-    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    cmd, mach = _command(data), _machine(data["machine"])
     per = data["accuracy_by_system_length"]
     n_trials = len(data["tasks"]) * data["trials_per_task"]
     rows = []
@@ -87,7 +141,7 @@ def finding_rows(data: dict) -> list[str]:
 
 
 def efficiency_rows(data: dict) -> list[str]:
-    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    cmd, mach = _command(data), _machine(data["machine"])
     rows = []
     for system, per in data["table"].items():
         cells = " · ".join(
@@ -104,7 +158,7 @@ def efficiency_rows(data: dict) -> list[str]:
 
 
 def ablation_rows(data: dict) -> list[str]:
-    cmd, mach = f"`python benchmarks/{data['command']}`", _machine(data["machine"])
+    cmd, mach = _command(data), _machine(data["machine"])
     rows = [f"| ablation reference: window-only PPL at {_k(data['length'])} ({data['file']}) | {data['window_only_ppl']:.2f} | {cmd} | {mach} |"] if data.get("window_only_ppl") else []
     for r in data["rows"]:
         if "not_run" in r:
@@ -121,7 +175,7 @@ def core_rows(data: dict) -> list[str]:
     q = data["query_first_token_s"]
     p = data["precompute"]
     n = data["document_tokens"]
-    cmd = f"`python benchmarks/{data['command']}`"
+    cmd = _command(data)
     mach = _machine(data["machine"])
     return [
         f"| encode every node of a {n}-token document (lower model, {data['config']['injection_layers']} layers) | "
@@ -137,7 +191,7 @@ def index_rows(data: dict) -> list[str]:
     """benchmarks/bench_index.py (the index branch's benchmark): build, cold and warm query of a ContextIndex."""
     rows = []
     for r in data["results"]:
-        cmd = f"`python benchmarks/{r.get('command', data['command'])}`"
+        cmd = _command(data, r.get("command"))
         mach = _machine({**data["machine"], "load_average_1m": r.get("load_average_1m", data["machine"].get("load_average_1m"))})
         full = f"; full-attention prefill {r['full_attention_prefill_s']:.1f} s" if r.get("full_attention_prefill_s") else ""
         rows.append(
@@ -165,7 +219,7 @@ def index_rows(data: dict) -> list[str]:
 
 def selection_rows(data: dict) -> list[str]:
     """benchmarks/bench_selection.py: does the question's score put the answer's chunk on top?"""
-    cmd = f"`python benchmarks/{data['command']}`"
+    cmd = _command(data)
     mach = _machine(data["machine"])
     rows = []
     for scorer, per in data["summary"].items():
@@ -179,38 +233,118 @@ def selection_rows(data: dict) -> list[str]:
 #: file-name prefix -> row builder; ``<prefix>*.json`` (e.g. finding_16k.json written with --name) all count
 ROWS = {
     "core": core_rows,
-    "ppl": ppl_rows,
-    "finding": finding_rows,
     "efficiency": efficiency_rows,
-    "ablations": ablation_rows,
     "index": index_rows,
     "selection": selection_rows,
+    "finding": finding_rows,
+    "ppl": ppl_rows,
+    "ablations": ablation_rows,
 }
 
+#: file-name prefix -> (heading, what the rows measure) on the results page
+SECTIONS = {
+    "core": (
+        "Encoding once, answering many times (`bench_core.py`)",
+        ("The lower model encodes every node of every chunk's tree once; a question then selects by lookup. Time to first "
+         "token from the precomputed tree, from encoding on the fly, and for full attention over the same tokens."),
+    ),
+    "efficiency": (
+        "Time to first token and memory against length (`bench_efficiency.py`)",
+        ("Each system answers the same single-needle question about the same text, greedily. `sharedctx_latent` encodes "
+         "on the fly, `sharedctx_store` answers from an index built once and reopened from disk, `sharedctx_text` puts "
+         "that index's chosen spans in the prompt; `rag_minilm` and `bm25` retrieve chunks into the prompt, `streaming` "
+         "keeps sink and recent tokens, `full` reads everything (run only up to the length its row shows). The ratio "
+         "rows divide a baseline's time to first token by sharedctx's, within the same run."),
+    ),
+    "index": (
+        "The index: build, cold and warm queries, concurrency (`bench_index.py`)",
+        ("A `ContextIndex` built over one long text: build time, first token of the first (cold) and a later (warm) query, "
+         "questions asked at once from several threads, and the lazily encoded text-only build."),
+    ),
+    "selection": (
+        "Chunk selection: does the question's score put the answer's chunk first? (`bench_selection.py`)",
+        ("Recall@1 / @2 / @8 of the chunk holding the answer, over the finding tasks. `design` is the paper's key-based "
+         "selection (the `query` policy); `mean_l*` and `maxleaf_l*` are untrained hidden-state variants; `lexical` is "
+         "the library's `lexical` policy; `bm25` is bm25s over the same texts, an outside reference."),
+    ),
+    "finding": (
+        "Finding things: passkeys, RULER-style needles, variable tracking (`bench_finding.py`)",
+        ("Mean exact or contained-match score over the trials of each length. `sharedctx_latent` reads injected states; "
+         "`sharedctx_text` is the index as a retriever (the walk's chosen spans in the prompt); the other systems use the "
+         "same base model. A system that could not run says why."),
+    ),
+    "ppl": (
+        "Perplexity: does the adapter read its context? (`bench_ppl.py`)",
+        ("Perplexity of the last 256 tokens of a window after the context. `adapter`: the context injected; `control`: an "
+         "unrelated text of the same kind injected; `window`: no context; `full`: full attention over context and window; "
+         "`streaming`: sink and recent tokens. Reading shows as adapter below control; adaptation to the genre as both "
+         "below window."),
+    ),
+    "ablations": (
+        "Ablations (`bench_ablations.py`)",
+        ("One option changed at a time from the adapter's configuration, on perplexity and needles. An option that "
+         "changes the adapter's shape (`injection_layers`) runs with the identity adapter."),
+    ),
+}
 
-def table(results: Path = RESULTS, suffix: str = "") -> str:
-    """The results table from ``results/*.json`` (``suffix="_quick"`` reads the quick runs instead)."""
-    lines = ["| what | measured | command | machine |", "| --- | --- | --- | --- |"]
-    found = False
+HEADER = ["| what | measured | command | machine |", "| --- | --- | --- | --- |"]
+
+
+def rows_by_benchmark(results: Path = RESULTS, suffix: str = "") -> dict[str, list[str]]:
+    """``{prefix: table rows}`` from ``results/<prefix>*.json`` (``suffix="_quick"`` reads the quick runs instead)."""
+    out: dict[str, list[str]] = {}
     for prefix, fn in ROWS.items():
         for path in sorted(Path(results).glob(f"{prefix}*.json")):
             if path.stem.endswith("_quick") != (suffix == "_quick"):
                 continue
-            lines += fn(json.loads(path.read_text()))
-            found = True
-    if not found:
-        lines.append("| (no results yet) | | | |")
-    return "\n".join(lines)
+            out.setdefault(prefix, []).extend(fn(json.loads(path.read_text())))
+    return out
 
 
-def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    block = f"{START}\n{table()}\n{END}"
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    readme.write_text(new)
-    print(block)
+def table(results: Path = RESULTS, suffix: str = "") -> str:
+    """All rows as one table (``suffix="_quick"`` reads the quick runs instead)."""
+    rows = [r for rs in rows_by_benchmark(results, suffix).values() for r in rs]
+    return "\n".join(HEADER + (rows or ["| (no results yet) | | | |"]))
+
+
+def page(results: Path = RESULTS) -> str:
+    """docs/results.md: every row, one section per benchmark."""
+    parts = [
+        "# Results",
+        "",
+        "<!-- Generated by `python benchmarks/report.py` from benchmarks/results/*.json: edit those, not this page. -->",
+        "",
+        (
+            "Every figure below is the output of the command beside it (run from the repository root), on the machine "
+            "named there, copied as the JSON in `benchmarks/results/` holds it. A CPU shared with other jobs records its "
+            "load average: compare timings within one run. Where a run read an adapter from a copy outside the "
+            "repository, its row and command name the shipped adapter with the same SHA-256 of its weights. "
+            "[benchmarks/README.md](../benchmarks/README.md) describes each protocol and baseline."
+        ),
+    ]
+    for prefix, rows in rows_by_benchmark(results).items():
+        heading, about = SECTIONS[prefix]
+        parts += ["", f"## {heading}", "", about, "", *HEADER, *rows]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when docs/results.md is out of date; write nothing")
+    args = parser.parse_args(argv)
+    text = page()
+    n_rows = sum(len(rows) for rows in rows_by_benchmark().values())
+    if args.check:
+        current = PAGE.read_text() if PAGE.is_file() else ""
+        if current != text:
+            print(f"{PAGE.relative_to(ROOT)} is out of date: run `python benchmarks/report.py`", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.parent.mkdir(parents=True, exist_ok=True)
+    PAGE.write_text(text)
+    print(f"wrote {PAGE.relative_to(ROOT)}: {n_rows} rows")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
