@@ -1,4 +1,5 @@
-"""Every Python block of the README runs as written (with the default model: slow)."""
+"""Every Python block of the README runs as written (with the default model: slow); the README stays a front door
+whose links and headline figures hold."""
 
 from __future__ import annotations
 
@@ -10,13 +11,44 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+README = ROOT / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def test_readme_has_quickstarts():
     text = "\n".join(BLOCKS)
     for needle in ("SharedLLM.from_pretrained()", "ContextIndex", "langchain_sharedctx", "llama_index.indices.sharedctx"):
         assert needle in text
+
+
+def test_readme_stays_short():
+    assert len(README.read_bytes()) < 20_000, "the README is the front door: move detail into docs/"
+
+
+def _links(page: Path) -> list[str]:
+    """The targets of a page's Markdown links and images, outside fenced code."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_at_files(page):
+    for target in _links(page):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # a URL or an anchor on the same page
+        path = (page.parent / target.split("#")[0]).resolve()
+        assert path.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+
+
+def test_headline_figures_are_on_the_results_page():
+    """Every decimal figure the README quotes as a headline result is one the generated results page holds."""
+    section = README.read_text().split("## Headline results", 1)[1].split("\n## ", 1)[0]
+    results = (ROOT / "docs" / "results.md").read_text()
+    figures = re.findall(r"(?<![\w.])\d+\.\d+(?![\w])", section)
+    assert len(figures) >= 20
+    missing = sorted({f for f in figures if f not in results})
+    assert not missing, f"README headline figures not in docs/results.md: {missing}"
 
 
 @pytest.mark.slow
