@@ -229,7 +229,7 @@ class MiniLM:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         import importlib.util
 
-        from sharedctx.models import sharedctx_home
+        from sharedctx.base_model import sharedctx_home
 
         spec = importlib.util.find_spec("all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
@@ -329,7 +329,7 @@ def offline_tiktoken() -> str | None:
     source = next((p for p in found if p.is_file()), None)
     if source is None:
         return None
-    from sharedctx.models import sharedctx_home
+    from sharedctx.base_model import sharedctx_home
 
     cache = sharedctx_home() / "tiktoken"
     target = cache / hashlib.sha1(_CL100K_URL.encode()).hexdigest()

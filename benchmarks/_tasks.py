@@ -67,7 +67,7 @@ def _number(rng: np.random.Generator, digits: int = 7) -> str:
 def make_task(name: str, tokenizer: Any, rng: np.random.Generator, *, length: int, depth: float, filler: np.ndarray) -> Task:
     """One trial of task ``name`` with about ``length`` context tokens, its target at ``depth`` in [0, 1]."""
     if name == "passkey":
-        from sharedctx.data import passkey_example
+        from sharedctx.training.data import passkey_example
 
         ex = passkey_example(tokenizer, rng, length=length, depth=depth)
         question = "What is the pass key hidden in the text? Answer with the number only."

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.lengths = args.lengths or ([1024] if args.quick else [8192])
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
-    from sharedctx.evaluate import eval_ppl
+    from sharedctx.training.evaluate import eval_ppl
 
     length = args.lengths[0]
     rows, reference = [], None

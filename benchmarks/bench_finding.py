@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             "load_average_at_start": round(load_at_start, 2),
             "lengths": args.lengths, "tasks": args.tasks, "trials_per_task": args.trials, "depths": args.depths,
             "max_new_tokens": args.max_new_tokens, "systems": list(systems), "not_run": not_run, "skipped": dict(skipped),
-            "options": {**options, "text_top_k": args.text_top_k, "filler": str(args.filler), "passkey_filler": "sharedctx.data repeated sentences",
+            "options": {**options, "text_top_k": args.text_top_k, "filler": str(args.filler), "passkey_filler": "sharedctx.training.data repeated sentences",
                         "rag": "LlamaIndex vector-index recipe: token chunks with 1/8 overlap, MiniLM mean pooling, cosine top-k in document order, DEFAULT_TEXT_QA_PROMPT",
                         "streaming": "4 sink tokens + most recent tokens, re-encoded (no rolling pass over evicted tokens)"},
             "lengths_done": sorted({r["length"] for r in trials}),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from _common import SHARED_DATA, add_model_args, finish, load_llm, model_info, plt
-from sharedctx.data import read_eval_text
+from sharedctx.training.data import read_eval_text
 
 #: held-out text -> unrelated texts of the same kind (the control), joined in order as far as a length needs
 CONTROLS = {
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
 
-    from sharedctx.evaluate import eval_ppl
+    from sharedctx.training.evaluate import eval_ppl
 
     llm = load_llm(args)
     tok = llm.tokenizer

@@ -59,7 +59,7 @@ def chunk_scores(llm, ids: torch.Tensor, question: str, chunk: int, layers: list
     tok = llm.tokenizer
     n = ids.numel() // chunk
     chunks = ids[: n * chunk].view(n, chunk)
-    prompt = llm._prompt_ids(question, True, None)
+    prompt = llm.prompt_ids(question)
     scores = {
         "design": cosine(llm.query_keys(prompt, [prompt.shape[1]])[0].float(), llm.encoder.node_keys(ids, [(i * chunk, (i + 1) * chunk) for i in range(n)])),
     }

@@ -1,32 +1,71 @@
-"""sharedctx: long contexts for LLaMA-family models through multi-grained self-injection (SharedLLM)."""
+"""sharedctx: long contexts for LLaMA-family models through multi-grained self-injection (SharedLLM).
+
+The names below are what an application needs; everything else is importable from its module
+(`sharedctx.errors`, `sharedctx.index`, `sharedctx.training`, ...). They load on first use, so
+``import sharedctx`` is cheap (torch and transformers load with the first model or tree).
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from .config import SharedCtxConfig  # noqa: E402
-from .errors import AdapterMismatchError, ContextMismatchError, InputError, PromptTooLongError, SharedCtxError  # noqa: E402
-from .index import Answer, Citation, ContextIndex  # noqa: E402
-from .injection import Injection  # noqa: E402
-from .model import Completion, SharedLLM, TextTreeCache  # noqa: E402
-from .store import TreeStore  # noqa: E402
-from .tree import ContextTree  # noqa: E402
+from ._version import __version__
 
 __all__ = [
-    "AdapterMismatchError",
-    "Answer",
-    "Citation",
+    "SharedLLM",
+    "SharedCtxConfig",
+    "ContextTree",
+    "TextTreeCache",
     "Completion",
     "ContextIndex",
-    "ContextMismatchError",
-    "ContextTree",
-    "Injection",
-    "InputError",
-    "PromptTooLongError",
-    "SharedCtxConfig",
-    "SharedCtxError",
-    "SharedLLM",
-    "TextTreeCache",
+    "Answer",
+    "Citation",
     "TreeStore",
+    "SharedCtxError",
     "__version__",
 ]
+
+#: public name -> module it lives in; also the errors users most often catch, importable but not in __all__
+_LAZY = {
+    "SharedLLM": ".model",
+    "Completion": ".generation",
+    "SharedCtxConfig": ".config",
+    "ContextTree": ".tree",
+    "TextTreeCache": ".contexts",
+    "ContextIndex": ".index",
+    "Answer": ".index",
+    "Citation": ".index",
+    "TreeStore": ".index.store",
+    "Injection": ".injection",
+    "SharedCtxError": ".errors",
+    "AdapterMismatchError": ".errors",
+    "ContextMismatchError": ".errors",
+    "PromptTooLongError": ".errors",
+    "InputError": ".errors",
+}
+
+if TYPE_CHECKING:
+    from .config import SharedCtxConfig
+    from .contexts import TextTreeCache
+    from .errors import AdapterMismatchError, ContextMismatchError, InputError, PromptTooLongError  # noqa: F401
+    from .errors import SharedCtxError
+    from .generation import Completion
+    from .index import Answer, Citation, ContextIndex
+    from .index.store import TreeStore
+    from .injection import Injection  # noqa: F401
+    from .model import SharedLLM
+    from .tree import ContextTree
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sharedctx' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ def _cmd_ask(args) -> int:
     t0 = time.perf_counter()
     if not args.file:
         raise InputError("give at least one --file PATH to read")
-    from .documents import read_document
+    from .index.documents import read_document
 
     texts = [read_document(f) for f in args.file]
     context = "\n\n".join(t for t in texts if t.strip())
@@ -239,7 +238,7 @@ def _cmd_ask_store(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .train import Trainer, load_recipe
+    from .training.trainer import Trainer, load_recipe
 
     overrides = {"out_dir": args.out_dir, "steps": args.steps, "device": args.device, "threads": args.threads, "max_time_s": args.max_time_s}
     if args.no_progress:
@@ -312,15 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--export", default=None, metavar="DIR", help="write the adapter of the latest checkpoint to DIR and stop (no training)")
     train.set_defaults(func=_cmd_train)
 
-    from .evaluate import add_eval_parser
+    from .training.evaluate import add_eval_parser
 
     add_eval_parser(sub, _add_model_args, _load)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .base_model import ModelLoadError
     from .errors import SharedCtxError
-    from .models import ModelLoadError
 
     parser = build_parser()
     args = parser.parse_args(argv)

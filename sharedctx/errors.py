@@ -1,20 +1,56 @@
-"""Exceptions a user of sharedctx can meet, each with the fix in its message."""
+"""Every exception sharedctx raises on purpose, each derived from `SharedCtxError` and carrying the fix in its
+message. Each also derives from the built-in exception its situation is closest to (``ValueError`` for bad
+input, ``RuntimeError`` for an environment that cannot do what was asked, ``KeyError`` for a missing
+document), so code written against the built-ins keeps working. docs/errors.md lists when each is raised."""
 
 from __future__ import annotations
 
-__all__ = ["SharedCtxError", "AdapterMismatchError", "ContextMismatchError", "PromptTooLongError", "InputError"]
+__all__ = [
+    "SharedCtxError",
+    "AdapterMismatchError",
+    "ContextMismatchError",
+    "PromptTooLongError",
+    "InputError",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "TreeFormatError",
+    "BackendUnavailableError",
+    "StoreError",
+    "StoreFullError",
+    "StoreMismatchError",
+    "UnsafeEntryError",
+    "DocumentNotFoundError",
+]
 
 
 class SharedCtxError(Exception):
     """Base class of sharedctx's own errors."""
 
 
+# ---------------------------------------------------------------------- models and adapters
+class ModelLoadError(SharedCtxError, RuntimeError):
+    """A base model could not be found or loaded."""
+
+
+class UnsupportedModelError(SharedCtxError, ValueError):
+    """The base model is not of a supported (LLaMA-family) architecture."""
+
+
 class AdapterMismatchError(SharedCtxError, ValueError):
     """An adapter was made for another base model or an incompatible configuration."""
 
 
+class BackendUnavailableError(SharedCtxError, RuntimeError):
+    """An explicitly requested attention backend cannot run here."""
+
+
+# ---------------------------------------------------------------------- contexts and prompts
 class ContextMismatchError(SharedCtxError, ValueError):
     """A context tree was encoded by another base model or with other lower-side options."""
+
+
+class TreeFormatError(SharedCtxError, ValueError):
+    """A saved context tree is corrupt or was written by an incompatible version."""
 
 
 class PromptTooLongError(SharedCtxError, ValueError):
@@ -23,3 +59,27 @@ class PromptTooLongError(SharedCtxError, ValueError):
 
 class InputError(SharedCtxError, ValueError):
     """Input that cannot be read as text (binary, not UTF-8) or is otherwise unusable."""
+
+
+# ---------------------------------------------------------------------- stores and indexes
+class StoreError(SharedCtxError, RuntimeError):
+    """A store could not be opened, read or written."""
+
+
+class StoreFullError(StoreError):
+    """The disk holding the store is full: nothing half-written was kept."""
+
+
+class StoreMismatchError(SharedCtxError, ValueError):
+    """The store was built by another base model or with other lower-side options."""
+
+
+class UnsafeEntryError(StoreError):
+    """An entry in the store is pickled (or otherwise not sharedctx bytes) and is refused, never loaded."""
+
+
+class DocumentNotFoundError(SharedCtxError, KeyError):
+    """No document of that id is in the index."""
+
+    def __str__(self) -> str:  # KeyError quotes its message
+        return str(self.args[0]) if self.args else ""

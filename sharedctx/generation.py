@@ -1,19 +1,41 @@
-"""Decoding with injected states held fixed: prefill, one token at a time, sampling, stop strings, streaming."""
+"""Decoding with injected states held fixed: prefill, one token at a time, sampling, stop strings, streaming.
+
+`stream_completion` answers one prompt (streaming), `complete_batch` several in one batched prefill and decoding
+loop; both drive one `RowDecoder` per answer. `SharedLLM.stream` / `complete` / `complete_batch` call these, and
+`ContextIndex` too. What an answer cost travels as `AnswerStats` and `Timings`, serialised by `to_dict()`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import queue
-import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-__all__ = ["SamplingOptions", "SAMPLING_FIELDS", "sample_next", "StopMatcher", "RowDecoder", "iterate_in_thread", "MicroBatcher"]
+from .injection import Injection
+
+if TYPE_CHECKING:
+    from .model import SharedLLM
+
+__all__ = [
+    "SamplingOptions",
+    "SAMPLING_FIELDS",
+    "sample_next",
+    "StopMatcher",
+    "RowDecoder",
+    "AnswerStats",
+    "Timings",
+    "Completion",
+    "CompletionStream",
+    "stream_completion",
+    "complete_batch",
+    "chat_prompt_ids",
+    "prompt_ids",
+    "eos_ids",
+]
 
 
 @dataclass
@@ -134,141 +156,307 @@ class RowDecoder:
         return self.matcher.feed(self.tokenizer.decode(self.generated, skip_special_tokens=True), final=True)
 
 
-async def iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator[Any]:
-    """Drive the blocking iterator ``make()`` (e.g. `SharedLLM.stream`) in a worker thread and yield its items in
-    the running event loop; never blocks the loop and never calls ``asyncio.run``.
+# ---------------------------------------------------------------------- prompts
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` in the tokenizer's chat template, ready for the assistant's turn; a tokenizer
+    without a template gets a plain ``Role: text`` transcript."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    lines = (f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+    return [int(i) for i in tokenizer("\n".join(lines) + "\nAssistant:", add_special_tokens=True)["input_ids"]]
 
-    An exception in the worker is re-raised here; when the consumer stops early, the worker stops at its next item.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    cancelled = threading.Event()
 
-    def put(item: tuple[str, Any]) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop closed: nobody listens any more
-            cancelled.set()
-
-    def produce() -> None:
-        try:
-            for item in make():
-                if cancelled.is_set():
-                    return
-                put(("item", item))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            put(("error", exc))
+def prompt_ids(tokenizer: Any, prompt: str | Sequence[int] | torch.Tensor, *, chat: bool = True, system: str | None = None) -> torch.Tensor:
+    """``(1, T)`` token ids of ``prompt``: text as a user turn of the chat template (``chat``, with an optional
+    ``system`` message) or as plain text; token ids as given. An empty prompt is refused."""
+    if isinstance(prompt, str):
+        if chat and getattr(tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids: Any = chat_prompt_ids(tokenizer, messages)
         else:
-            put(("done", None))
-
-    worker = loop.run_in_executor(None, produce)
-    try:
-        while True:
-            kind, item = await queue.get()
-            if kind == "error":
-                raise item
-            if kind == "done":
-                return
-            yield item
-    finally:
-        cancelled.set()
-        if worker.done():
-            worker.result()
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        ids = prompt
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty")
+    return ids
 
 
-class MicroBatcher:
-    """Runs items submitted from many threads in batches, one batch at a time, in one worker thread.
+def eos_ids(*sources: Any) -> set[int]:
+    """Token ids that end an answer: every ``eos_token_id`` (an id or a list) of the given configs / tokenizer."""
+    ids: set[int] = set()
+    for src in sources:
+        value = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
 
-    ``run(items) -> results`` (same length and order) does the batched work, e.g. one forward for several
-    queries. A request arriving at an idle worker waits at most ``max_wait_s`` for company, then runs; requests
-    arriving while a batch runs queue up and form the next batch (at most ``max_batch`` items). When a batch
-    fails, each of its items is run alone, so an error reaches only the caller whose item caused it.
-    ``stats`` counts batches, items and the largest batch. The worker thread starts with the first request and
-    ends after ``idle_s`` seconds without one (so a forgotten batcher holds no thread), starting again when needed.
-    """
 
-    def __init__(
-        self, run: Callable[[list[Any]], list[Any]], *, max_batch: int = 8, max_wait_s: float = 0.002, idle_s: float = 10.0, name: str = "sharedctx-batcher"
-    ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if max_wait_s < 0:
-            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
-        self.run, self.max_batch, self.max_wait_s, self.idle_s, self.name = run, max_batch, max_wait_s, idle_s, name
-        self.stats = {"batches": 0, "items": 0, "largest": 0}
-        self._queue: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._worker: threading.Thread | None = None
-        self._closed = False
+# ---------------------------------------------------------------------- what an answer cost
+class _FieldMapping(Mapping):
+    """Read-only mapping view of a dataclass's fields, so ``stats["prompt_tokens"]`` reads as ``stats.prompt_tokens``."""
 
-    def submit(self, item: Any) -> Any:
-        """Run ``item`` in the next batch and return its result (or raise its error); blocks until then."""
-        future: Future = Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"{self.name} is closed")
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._loop, name=self.name, daemon=True)
-                self._worker.start()
-            self._queue.put((item, future))
-        return future.result()
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
 
-    def close(self) -> None:
-        """Finish what was submitted, then stop the worker; later submissions raise."""
-        with self._lock:
-            self._closed = True
-            worker = self._worker
-            self._queue.put(None)
-        if worker is not None and worker is not threading.current_thread():
-            worker.join()
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                first = self._queue.get(timeout=self.idle_s)
-            except queue.Empty:
-                with self._lock:  # submit() puts under this lock: nothing can arrive unseen between the check and the exit
-                    if self._queue.empty():
-                        self._worker = None
-                        return
-                continue
-            if first is None:
-                return
-            batch, stop = [first], False
-            deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+
+@dataclass(eq=True)
+class Timings(_FieldMapping):
+    """Seconds spent on one answer. ``first_token_s`` and ``total_s`` count from the call (retrieval included)."""
+
+    retrieve_s: float = 0.0  # ranking chunks and walking trees (ContextIndex)
+    inject_s: float = 0.0  # building the injected states (selection, encoding on the fly)
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(eq=True)
+class AnswerStats(_FieldMapping):
+    """What one answer read and produced; the same type for `SharedLLM` completions and `ContextIndex` answers
+    (fields an answer has no use for stay at their defaults)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    injected_states: int = 0
+    #: provenance of the injected nodes (document order)
+    injected_nodes: list = field(default_factory=list)
+    batch_size: int = 1
+    #: a single context tree: its tokens and chunks
+    context_tokens: int = 0
+    chunks: int = 0
+    #: a ContextIndex answer: how it was read and what retrieval touched
+    mode: str | None = None
+    documents: int = 0
+    chunks_selected: int = 0
+    chunks_encoded: int = 0
+    chunks_cached: int = 0
+    text_passages_dropped: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["injected_nodes"] = [dataclasses.asdict(n) if dataclasses.is_dataclass(n) else dict(n) for n in self.injected_nodes]
+        return out
+
+
+@dataclass
+class Completion:
+    """A generated answer with what it cost."""
+
+    text: str
+    token_ids: list[int]
+    stats: AnswerStats = field(default_factory=AnswerStats)
+    timings: Timings = field(default_factory=Timings)
+
+    def report(self) -> dict[str, Any]:
+        """``stats`` as a plain dict with ``token_ids`` and ``timings``: what a ``stats=`` dict of a streaming call receives."""
+        return {**self.stats.to_dict(), "token_ids": list(self.token_ids), "timings": self.timings.to_dict()}
+
+
+def _timings(t0: float, t_inject: float, t_prefill: float, first_token_at: float | None, end: float, n_tokens: int) -> Timings:
+    return Timings(
+        inject_s=t_inject - t0,
+        prefill_s=t_prefill - t_inject,
+        first_token_s=(first_token_at or end) - t0,
+        decode_s=end - t_prefill,
+        total_s=end - t0,
+        tokens_per_s=n_tokens / max(end - t_prefill, 1e-9),
+    )
+
+
+def _injected_nodes(injection: Injection | None) -> list:
+    return [] if injection is None or not injection.nodes else list(injection.nodes[0])
+
+
+def _output_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+# ---------------------------------------------------------------------- one answer, streamed
+class CompletionStream:
+    """The text of one answer as it is decoded (iterate it); once exhausted, `completion` holds the whole
+    `Completion` with its statistics and timings."""
+
+    def __init__(self, deltas: Iterator[str]) -> None:
+        self._deltas = deltas
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+
+def stream_completion(
+    llm: SharedLLM,
+    prompt: str | Sequence[int] | torch.Tensor,
+    *,
+    context: Any = None,
+    injection: Injection | None = None,
+    options: SamplingOptions,
+    chat: bool = True,
+    system: str | None = None,
+) -> CompletionStream:
+    """Decode the answer to ``prompt`` reading ``context`` (selected and injected here) or a ready ``injection``."""
+    if injection is not None and context is not None:
+        raise ValueError("give either context= or injection=, not both")
+    result = CompletionStream(iter(()))
+
+    def run() -> Iterator[str]:
+        nonlocal injection
+        t0 = time.perf_counter()
+        ids = llm.prompt_ids(prompt, chat=chat, system=system)
+        llm.check_length(ids.shape[1] + options.max_new_tokens)
+        tree = None
+        if context is not None:
+            tree = llm.context_tree(context)
+            with torch.no_grad():
+                injection = llm.prepare_injection(tree, ids, query_text=prompt if isinstance(prompt, str) else None)
+        t_inject = time.perf_counter()
+        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        row = RowDecoder(options, llm.eos_ids(), llm.tokenizer, generator)
+        parts: list[str] = []
+        with torch.no_grad():
+            out = llm.forward(ids, injection=injection, use_cache=True, logits_to_keep=1)
+            t_prefill = time.perf_counter()
+            while not row.done:
+                delta = row.push(out.logits[:, -1])
+                if delta:
+                    parts.append(delta)
+                    yield delta
+                if row.done:
                     break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._run(batch)
-            if stop:
-                return
+                token = torch.tensor([[row.generated[-1]]], device=llm.device)
+                out = llm.forward(token, injection=injection, past_key_values=_output_cache(out), use_cache=True, logits_to_keep=1)
+            tail = row.finish()
+            if tail:
+                parts.append(tail)
+                yield tail
+        end = time.perf_counter()
+        stats = AnswerStats(
+            prompt_tokens=int(ids.shape[1]),
+            generated_tokens=len(row.generated),
+            injected_states=0 if injection is None else injection.n_states,
+            injected_nodes=_injected_nodes(injection),
+            context_tokens=0 if tree is None else tree.n_tokens,
+            chunks=0 if tree is None else tree.n_chunks,
+        )
+        result.completion = Completion(
+            text="".join(parts), token_ids=row.generated, stats=stats,
+            timings=_timings(t0, t_inject, t_prefill, row.first_token_at, end, len(row.generated)),
+        )
 
-    def _run(self, batch: list[tuple[Any, Future]]) -> None:
-        self.stats["batches"] += 1
-        self.stats["items"] += len(batch)
-        self.stats["largest"] = max(self.stats["largest"], len(batch))
-        self._execute(batch, isolate=len(batch) > 1)
+    result._deltas = run()
+    return result
 
-    def _execute(self, batch: list[tuple[Any, Future]], *, isolate: bool) -> None:
-        """Run ``batch`` and settle its futures; when it fails and ``isolate``, run each item alone to find whose
-        item fails, so only that caller gets the error."""
-        items = [item for item, _ in batch]
-        try:
-            results = self.run(items)
-            if len(results) != len(items):
-                raise RuntimeError(f"{self.name}: run() returned {len(results)} results for {len(items)} items")
-        except BaseException as exc:  # noqa: BLE001 - handed to the callers
-            for pair in batch:
-                if isolate:
-                    self._execute([pair], isolate=False)
-                else:
-                    pair[1].set_exception(exc)
-            return
-        for (_, future), result in zip(batch, results):
-            future.set_result(result)
+
+# ---------------------------------------------------------------------- several answers, batched
+def complete_batch(
+    llm: SharedLLM,
+    prompts: Sequence[str | Sequence[int] | torch.Tensor],
+    *,
+    injections: Sequence[Injection | None] | None = None,
+    options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+    chat: bool = True,
+    system: str | None = None,
+) -> list[Completion]:
+    """Answer several prompts in one batched prefill and one batched decoding loop (see `SharedLLM.complete_batch`)."""
+    n = len(prompts)
+    if n == 0:
+        return []
+    injections = [None] * n if injections is None else list(injections)
+    if len(injections) != n:
+        raise ValueError(f"got {len(injections)} injections for {n} prompts")
+    if options is None or isinstance(options, dict):
+        options = [dict(options or {})] * n
+    if len(options) != n:
+        raise ValueError(f"got {len(options)} option dicts for {n} prompts")
+    opts = []
+    for o in options:
+        unknown = sorted(set(o) - SAMPLING_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown generation options {unknown}; known: {sorted(SAMPLING_FIELDS)}")
+        opts.append(SamplingOptions(**{"max_new_tokens": 256, **o}))
+    t0 = time.perf_counter()
+    rows = [llm.prompt_ids(p, chat=chat, system=system)[0] for p in prompts]
+    for ids, o in zip(rows, opts):
+        llm.check_length(ids.numel() + o.max_new_tokens)
+    tok = llm.tokenizer
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    eos = llm.eos_ids()
+    pad = int(pad if pad is not None else (min(eos) if eos else 0))
+    width = max(r.numel() for r in rows)
+    input_ids = torch.full((n, width), pad, dtype=torch.long, device=llm.device)
+    mask = torch.zeros(n, width, dtype=torch.long, device=llm.device)
+    for b, r in enumerate(rows):
+        input_ids[b, width - r.numel() :] = r
+        mask[b, width - r.numel() :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    injection = Injection.stack(injections)
+    decoders = [RowDecoder(o, eos, tok, torch.Generator().manual_seed(o.seed) if o.seed is not None else None) for o in opts]
+    texts = [""] * n
+    end_at: list[float | None] = [None] * n
+    t_inject = time.perf_counter()
+    with torch.no_grad():
+        out = llm.forward(input_ids, attention_mask=mask, position_ids=positions, injection=injection, use_cache=True, logits_to_keep=1)
+        t_prefill = time.perf_counter()
+        while not all(d.done for d in decoders):
+            logits = out.logits[:, -1]
+            step_tokens = torch.full((n, 1), pad, dtype=torch.long, device=llm.device)
+            for b, d in enumerate(decoders):
+                if d.done:
+                    continue
+                texts[b] += d.push(logits[b : b + 1])
+                if not d.done:
+                    step_tokens[b, 0] = d.generated[-1]
+            now = time.perf_counter()
+            for b, d in enumerate(decoders):
+                if d.done and end_at[b] is None:
+                    end_at[b] = now
+            if all(d.done for d in decoders):
+                break
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = llm.forward(
+                step_tokens, attention_mask=mask, position_ids=positions, injection=injection,
+                past_key_values=_output_cache(out), use_cache=True, logits_to_keep=1,
+            )  # rows that have ended are carried along; what they read is never used
+    end = time.perf_counter()
+    results = []
+    for b, d in enumerate(decoders):
+        texts[b] += d.finish()
+        stats = AnswerStats(
+            prompt_tokens=int(rows[b].numel()),
+            generated_tokens=len(d.generated),
+            injected_states=0 if injections[b] is None else injections[b].n_states,
+            injected_nodes=_injected_nodes(injections[b]),
+            batch_size=n,
+        )
+        timings = _timings(t0, t_inject, t_prefill, d.first_token_at, end_at[b] or end, len(d.generated))
+        results.append(Completion(text=texts[b], token_ids=d.generated, stats=stats, timings=timings))
+    return results

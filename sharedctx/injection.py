@@ -19,12 +19,15 @@ import functools
 import math
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .ops.dispatch import resolve_backend
+
+if TYPE_CHECKING:
+    from .policy import SelectedNode
 
 __all__ = [
     "Injection",
@@ -68,6 +71,75 @@ class Injection:
 
         Computed once per injection, which stays fixed for a whole forward or generation."""
         return None if self.key_mask is None else self.key_mask.any(-1)
+
+    @classmethod
+    def from_nodes(
+        cls,
+        rows: Sequence[Sequence[SelectedNode]],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        chunk_positions: bool = True,
+    ) -> Injection:
+        """The injected states of selected nodes: one row of nodes per batch row (an empty row reads nothing).
+
+        A row's nodes are ordered by ``(chunk, start)``; chunk positions follow the order of ``node.chunk``, so
+        number chunks in document order. Rows with fewer states are padded and masked (``key_mask``). Each row's
+        `InjectedNode` provenance is kept in ``nodes``. ``chunk_positions=False`` is the ``positions="none"``
+        ablation.
+        """
+        from .tree import InjectedNode
+
+        if not rows or all(not r for r in rows):
+            raise ValueError("nothing to inject: every row is empty")
+        per_row_k, per_row_v, per_row_pos, provenance = [], [], [], []
+        for selected in rows:
+            order = sorted(selected, key=lambda node: (node.chunk, node.start))
+            chunk_rank = {c: r for r, c in enumerate(sorted({node.chunk for node in order}))}
+            ks, vs, pos, prov = [], [], [], []
+            offset = 0
+            for node in order:
+                st = node.states
+                n = st.n_states
+                ks.append(st.keys)
+                vs.append(st.values)
+                pos.append(torch.full((n,), chunk_rank[node.chunk], dtype=torch.long))
+                prov.append(InjectedNode(node.chunk, node.level, node.index, node.start, node.end, n, offset))
+                offset += n
+            if ks:
+                per_row_k.append(torch.cat(ks, dim=2).to(device=device, dtype=dtype))  # (M, Hkv, S, D)
+                per_row_v.append(torch.cat(vs, dim=2).to(device=device, dtype=dtype))
+                per_row_pos.append(torch.cat(pos))
+            else:
+                per_row_k.append(None)
+                per_row_v.append(None)
+                per_row_pos.append(torch.zeros(0, dtype=torch.long))
+            provenance.append(prov)
+        ref = next(k for k in per_row_k if k is not None)
+        m, hkv, _, d = ref.shape
+        s_max = max(p.numel() for p in per_row_pos)
+        batch = len(rows)
+        keys = torch.zeros(batch, m, hkv, s_max, d, device=device, dtype=dtype)
+        values = torch.zeros_like(keys)
+        key_pos = torch.zeros(batch, s_max, dtype=torch.long, device=device)
+        mask = torch.zeros(batch, s_max, dtype=torch.bool, device=device)
+        n_chunks = torch.zeros(batch, dtype=torch.long, device=device)
+        for b in range(batch):
+            s = per_row_pos[b].numel()
+            if s:
+                keys[b, :, :, :s] = per_row_k[b]
+                values[b, :, :, :s] = per_row_v[b]
+                key_pos[b, :s] = per_row_pos[b].to(device)
+                mask[b, :s] = True
+                n_chunks[b] = int(per_row_pos[b].max()) + 1
+        return cls(
+            keys=[keys[:, i] for i in range(m)],
+            values=[values[:, i] for i in range(m)],
+            key_pos=key_pos if chunk_positions else None,
+            query_pos=n_chunks,
+            key_mask=None if bool(mask.all()) else mask,
+            nodes=provenance,
+        )
 
     def expand(self, batch: int) -> Injection:
         """The same states for ``batch`` rows (from one row)."""

@@ -2,56 +2,46 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import threading
-import time
 import weakref
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from . import __version__
-from .config import ADAPTER_FIELDS, LOWER_FIELDS, SharedCtxConfig
+from . import contexts, generation
+from .adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    default_adapter_path,
+    load_adapter,
+    merge_configs,
+    read_adapter_config,
+    save_adapter,
+)
+from .base_model import (
+    base_fingerprint,
+    check_supported,
+    load_base_model,
+)
+from .config import SharedCtxConfig
 from .encoder import LowerEncoder, cache_kwarg
-from .errors import AdapterMismatchError, ContextMismatchError, PromptTooLongError
-from .generation import SAMPLING_FIELDS, RowDecoder, SamplingOptions
+from .errors import PromptTooLongError
+from .generation import Completion, CompletionStream, SamplingOptions
 from .injection import Injection, attach, attach_upper_lora, injecting
-from .models import DEFAULT_MODEL_NAME, base_fingerprint, check_supported, load_base_model
-from .ops.scoring import BM25, cosine_scores
-from .policy import make_chooser, walk_trees
-from .tree import ContextTree, InjectedNode, NodeStates
+from .ops.scoring import BM25
+from .policy import Selection, make_chooser, make_scorer, walk_trees
+from .tree import ContextTree
 
-__all__ = ["SharedLLM", "Completion", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "default_adapter_path"]
+__all__ = ["SharedLLM", "Completion", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "default_adapter_path"]  # Completion: see generation
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "sharedctx_adapter.json"
-ADAPTER_WEIGHTS = "adapter.safetensors"
-_DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
-
 ContextLike = ContextTree | str | Sequence[int] | torch.Tensor
-
-
-def default_adapter_path() -> Path | None:
-    """The adapter shipped for the default model, when one ships."""
-    return _DEFAULT_ADAPTER if (_DEFAULT_ADAPTER / ADAPTER_CONFIG).is_file() else None
-
-
-@dataclass
-class Completion:
-    """A generated answer with what it cost."""
-
-    text: str
-    token_ids: list[int]
-    stats: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class SharedLLM(nn.Module):
@@ -120,8 +110,8 @@ class SharedLLM(nn.Module):
             adapter_dir = Path(adapter)  # type: ignore[arg-type]
         if adapter_dir is None:
             return cls(model, tokenizer, config=config)
-        saved = _read_adapter_config(adapter_dir)
-        merged = _merge_configs(SharedCtxConfig.from_dict(saved["config"]), config, adapter_dir)
+        saved = read_adapter_config(adapter_dir)
+        merged = merge_configs(SharedCtxConfig.from_dict(saved["config"]), config, adapter_dir)
         llm = cls(model, tokenizer, config=merged)
         llm.load_adapter(adapter_dir)
         return llm
@@ -160,54 +150,11 @@ class SharedLLM(nn.Module):
     # ------------------------------------------------------------------ adapters
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write only the new parameters: ``sharedctx_adapter.json`` + ``adapter.safetensors``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        meta = {
-            "sharedctx_version": __version__,
-            "base_fingerprint": self.fingerprint,
-            "base_model_type": self.base.config.model_type,
-            "base_name_or_path": getattr(self.base.config, "_name_or_path", "") or DEFAULT_MODEL_NAME,
-            "config": self.config.to_dict(),
-            "trained": self.adapter_trained,
-        }
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        save_adapter(self, directory)
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
         """Load adapter weights saved by `save_pretrained`, refusing one made for another base model."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        meta = _read_adapter_config(directory)
-        if meta["base_fingerprint"] != self.fingerprint:
-            raise AdapterMismatchError(
-                f"the adapter in {directory} was made for base model {meta['base_fingerprint']} "
-                f"({meta.get('base_name_or_path', '?')}), but this base model is {self.fingerprint}. "
-                "Load it on the base model it was trained for, or train one for this model (`sharedctx train`)."
-            )
-        saved = SharedCtxConfig.from_dict(meta["config"])
-        for name in ADAPTER_FIELDS:
-            if getattr(saved, name) != getattr(self.config, name):
-                raise AdapterMismatchError(
-                    f"the adapter in {directory} has {name}={getattr(saved, name)!r} but this model has "
-                    f"{name}={getattr(self.config, name)!r}; build the model with the adapter's configuration"
-                )
-        path = directory / ADAPTER_WEIGHTS
-        try:
-            state = load_file(str(path))
-        except Exception as exc:
-            raise AdapterMismatchError(f"cannot read adapter weights {path}: {exc}") from exc
-        expected = self.adapter_state_dict()
-        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-            raise AdapterMismatchError(f"the adapter weights in {path} do not match this model's adapter shapes (cross-attention, upper LoRA)")
-        with torch.no_grad():
-            for k, v in state.items():
-                expected[k].copy_(v.to(expected[k].dtype))
-        self.adapter_trained = bool(meta.get("trained", True))
-        self.adapter_path = str(directory)
+        load_adapter(self, directory)
 
     def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The adapter's parameters, named as they are saved: the cross-attention blocks (``0.q_proj.weight``,
@@ -245,43 +192,7 @@ class SharedLLM(nn.Module):
 
     def context_tree(self, context: ContextLike) -> ContextTree:
         """A lazy tree (tokens only) for text or token ids; a `ContextTree` is checked and returned."""
-        cfg = self.config
-        if isinstance(context, ContextTree):
-            self._check_tree(context)
-            return context
-        text = None
-        offsets = None
-        if isinstance(context, str):
-            text = context
-            enc = self._require_tokenizer()(context, add_special_tokens=False, return_offsets_mapping=True)
-            ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-            offsets = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
-        else:
-            ids = torch.as_tensor(context, dtype=torch.long).reshape(-1).cpu()
-        vocab = self.base.config.vocab_size
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(f"context token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
-        return ContextTree(
-            input_ids=ids,
-            chunk_size=cfg.chunk_size,
-            tree_height=cfg.tree_height,
-            node_keep=cfg.node_keep,
-            sampling=cfg.sampling,
-            fingerprint=self.fingerprint,
-            text=text,
-            offsets=offsets,
-        )
-
-    def _check_tree(self, tree: ContextTree) -> None:
-        if tree.fingerprint != self.fingerprint:
-            raise ContextMismatchError(
-                f"this context tree was encoded by base model {tree.fingerprint}, not {self.fingerprint}; encode it again with this model"
-            )
-        mine = self.config.lower_signature()
-        theirs = {"chunk_size": tree.chunk_size, "tree_height": tree.tree_height, "node_keep": tree.node_keep, "sampling": tree.sampling}
-        diff = {k: (theirs[k], mine[k]) for k in theirs if theirs[k] != mine[k]}
-        if diff:
-            raise ContextMismatchError(f"context tree options differ from this model's config (tree, model): {diff}; encode it again")
+        return contexts.tree_for(self, context)
 
     def encode(self, context: ContextLike, *, precompute: bool = True, show_progress: bool = False) -> ContextTree:
         """Tokenize a context and, with ``precompute``, encode every node of every chunk's tree once."""
@@ -294,12 +205,7 @@ class SharedLLM(nn.Module):
     # ------------------------------------------------------------------ selection and injection
     def query_keys(self, input_ids: torch.Tensor, query_lengths: Sequence[int]) -> torch.Tensor:
         """``(B, hidden)`` query keys: last query token after layer 1 (without injection) + final norm."""
-        keys = []
-        with torch.no_grad():
-            for row, n in zip(input_ids, query_lengths):
-                _, _, first = self.encoder.run(row[:n].reshape(1, -1), 1)
-                keys.append(self.base.model.norm(first[:, -1]).float()[0])
-        return torch.stack(keys)
+        return self.encoder.query_keys(input_ids, query_lengths)
 
     def span_text(self, tree: ContextTree, start: int, end: int) -> str:
         """Text of the tree's tokens ``[start, end)``: a slice of its text when it has offsets, else decoded."""
@@ -321,11 +227,13 @@ class SharedLLM(nn.Module):
         generator: torch.Generator | None = None,
         query_text: str | None = None,
         lexicon: BM25 | None = None,
-    ) -> list[tuple[tuple[int, int, int], tuple[int, int], NodeStates]]:
+        expand_margin: float | None = None,
+    ) -> Selection:
         """Walk the trees of ``chunks`` (all by default) and return the preserved nodes with their states.
 
         ``query_key`` serves the ``query`` policy; ``query_text`` the ``lexical`` one, scored under ``lexicon``
-        (default: BM25 statistics of the tree's chunks)."""
+        (default: BM25 statistics of the tree's chunks). ``expand_margin`` expands both children of a split whose
+        scores are that close."""
         cfg = self.config
         spans = tree.spans
         chunk_ids = range(len(spans)) if chunks is None else chunks
@@ -340,32 +248,26 @@ class SharedLLM(nn.Module):
         noise = cfg.split_noise if (self.training and not tree.precomputed) else 0.0
         ids = tree.input_ids
 
-        scores_fn = None
-        if cfg.policy == "query":
-            if query_key is None:
-                raise ValueError("the 'query' policy needs a query key")
+        def keys_of(node_ids, node_spans):
             if tree.precomputed:
-                def scores_fn(node_ids, node_spans):
-                    return cosine_scores(query_key, torch.stack([tree.nodes[n].key for n in node_ids]))
-            else:
-                def scores_fn(node_ids, node_spans):
-                    return cosine_scores(query_key, self.encoder.node_keys(ids, node_spans))
-        elif cfg.policy == "lexical":
-            if query_text is None:
-                raise ValueError("the 'lexical' policy needs the query text")
-            lexicon = lexicon if lexicon is not None else self.tree_lexicon(tree)
+                return torch.stack([tree.nodes[n].key for n in node_ids])
+            return self.encoder.node_keys(ids, node_spans)
 
-            def scores_fn(node_ids, node_spans):
-                return lexicon.scores(query_text, [self.span_text(tree, s, e) for s, e in node_spans])
-
-        chooser = make_chooser(cfg.policy, scores_fn=scores_fn, generator=generator)
-        walk = walk_trees({c: spans[c] for c in chunk_ids}, cfg.tree_height, chooser, split_noise=noise, generator=generator)
-        nodes = walk.nodes()
+        if cfg.policy == "lexical" and lexicon is None and query_text is not None:
+            lexicon = self.tree_lexicon(tree)
+        scorer = make_scorer(
+            cfg.policy, query_key=query_key, keys_of=keys_of, query_text=query_text, lexicon=lexicon,
+            text_of=lambda node, span: self.span_text(tree, *span),
+        )
+        chooser = make_chooser(cfg.policy, scorer=scorer, generator=generator, expand_margin=expand_margin)
+        selection = walk_trees({c: spans[c] for c in chunk_ids}, cfg.tree_height, chooser, split_noise=noise, generator=generator)
         if tree.precomputed:
-            states = [tree.nodes[n] for n, _ in nodes]
+            for node in selection:
+                node.states = tree.nodes[node.node_id]
         else:
-            states = self.encoder.encode_spans(ids, [span for _, span in nodes])
-        return [(n, span, st) for (n, span), st in zip(nodes, states)]
+            for node, st in zip(selection, self.encoder.encode_spans(ids, selection.spans)):
+                node.states = st
+        return selection
 
     def prepare_injection(
         self,
@@ -410,7 +312,7 @@ class SharedLLM(nn.Module):
 
         # one set of BM25 statistics per distinct tree, however many rows read it
         lexicons = {id(t): self.tree_lexicon(t) for t in trees} if cfg.policy == "lexical" else {}
-        rows: list[list[tuple[tuple[int, int, int], tuple[int, int], NodeStates]]] = []
+        rows: list[Selection] = []
         if shared and qkeys is None and row_chunks[0] == row_chunks[-1] and cfg.policy != "lexical":
             rows = [self.select(trees[0], None, chunks=row_chunks[0], generator=generator)] * batch
         else:
@@ -423,73 +325,16 @@ class SharedLLM(nn.Module):
                 )
         if all(not r for r in rows):
             return None
-        return self._assemble(rows)
+        return self.assemble_injection(rows)
 
     def assemble_injection(self, rows) -> Injection:
-        """Injected states from nodes chosen by the caller (e.g. across many documents, see `ContextIndex`).
-
-        ``rows``: per batch row, a list of ``(node_id, token_span, NodeStates)`` with ``node_id = (chunk, level,
-        index)``; chunk positions follow the order of ``chunk`` (rank among the row's chunks), so number chunks in
-        document order. Each row's `InjectedNode` provenance is kept in ``Injection.nodes``.
-        """
-        if not rows or all(not r for r in rows):
-            raise ValueError("nothing to inject: every row is empty")
-        return self._assemble(rows)
-
-    def _assemble(self, rows) -> Injection:
-        cfg = self.config
-        device, dtype = self.device, self.dtype
-        m = cfg.injection_layers
-        per_row_k, per_row_v, per_row_pos, provenance = [], [], [], []
-        for selected in rows:
-            order = sorted(selected, key=lambda item: (item[0][0], item[1][0]))
-            chunk_rank = {c: r for r, c in enumerate(sorted({n[0] for n, _, _ in order}))}
-            ks, vs, pos, prov = [], [], [], []
-            offset = 0
-            for (c, level, index), (s, e), st in order:
-                n = st.n_states
-                ks.append(st.keys)
-                vs.append(st.values)
-                pos.append(torch.full((n,), chunk_rank[c], dtype=torch.long))
-                prov.append(InjectedNode(c, level, index, s, e, n, offset))
-                offset += n
-            if ks:
-                per_row_k.append(torch.cat(ks, dim=2).to(device=device, dtype=dtype))  # (M, Hkv, S, D)
-                per_row_v.append(torch.cat(vs, dim=2).to(device=device, dtype=dtype))
-                per_row_pos.append(torch.cat(pos))
-            else:
-                per_row_k.append(None)
-                per_row_v.append(None)
-                per_row_pos.append(torch.zeros(0, dtype=torch.long))
-            provenance.append(prov)
-        ref = next(k for k in per_row_k if k is not None)
-        _, hkv, _, d = ref.shape
-        s_max = max(p.numel() for p in per_row_pos)
-        batch = len(rows)
-        keys = torch.zeros(batch, m, hkv, s_max, d, device=device, dtype=dtype)
-        values = torch.zeros_like(keys)
-        key_pos = torch.zeros(batch, s_max, dtype=torch.long, device=device)
-        mask = torch.zeros(batch, s_max, dtype=torch.bool, device=device)
-        n_chunks = torch.zeros(batch, dtype=torch.long, device=device)
-        for b in range(batch):
-            s = per_row_pos[b].numel()
-            if s:
-                keys[b, :, :, :s] = per_row_k[b]
-                values[b, :, :, :s] = per_row_v[b]
-                key_pos[b, :s] = per_row_pos[b].to(device)
-                mask[b, :s] = True
-                n_chunks[b] = int(per_row_pos[b].max()) + 1
-        return Injection(
-            keys=[keys[:, i] for i in range(m)],
-            values=[values[:, i] for i in range(m)],
-            key_pos=key_pos if cfg.positions == "chunk" else None,
-            query_pos=n_chunks,
-            key_mask=None if bool(mask.all()) else mask,
-            nodes=provenance,
-        )
+        """Injected states from nodes chosen by the caller (e.g. across many documents, see `ContextIndex`):
+        per batch row, a `Selection` or list of `SelectedNode` (see `Injection.from_nodes`)."""
+        return Injection.from_nodes(rows, device=self.device, dtype=self.dtype, chunk_positions=self.config.positions == "chunk")
 
     # ------------------------------------------------------------------ forward
-    def _check_length(self, length: int) -> None:
+    def check_length(self, length: int) -> None:
+        """Raise `PromptTooLongError` when ``length`` tokens (prompt + tokens to generate) exceed the model's window."""
         if self.max_positions and length > self.max_positions:
             raise PromptTooLongError(
                 f"the prompt has {length} tokens but the base model's window is {self.max_positions}; "
@@ -520,7 +365,7 @@ class SharedLLM(nn.Module):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         past = 0 if past_key_values is None else int(past_key_values.get_seq_length())
-        self._check_length(past + input_ids.shape[1])
+        self.check_length(past + input_ids.shape[1])
         if injection is None and context is not None:
             injection = self.prepare_injection(context, input_ids, query_length=query_length, labels=labels)
         kwargs: dict[str, Any] = {}
@@ -539,39 +384,17 @@ class SharedLLM(nn.Module):
     def chat_prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` (``{"role", "content"}`` dicts) in the base model's chat template, ready for
         the assistant's turn. A tokenizer without a template gets a plain ``Role: text`` transcript."""
-        tok = self._require_tokenizer()
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        lines = (f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-        return [int(i) for i in tok("\n".join(lines) + "\nAssistant:", add_special_tokens=True)["input_ids"]]
+        return generation.chat_prompt_ids(self._require_tokenizer(), messages)
 
-    def _prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor, chat: bool, system: str | None) -> torch.Tensor:
-        if isinstance(prompt, str):
-            tok = self._require_tokenizer()
-            if chat and getattr(tok, "chat_template", None):
-                messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-                ids = self.chat_prompt_ids(messages)
-            else:
-                ids = tok(prompt, add_special_tokens=True)["input_ids"]
-        else:
-            ids = prompt
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1).to(self.device)
-        if ids.shape[1] == 0:
-            raise ValueError("the prompt is empty")
-        return ids
+    def prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor, *, chat: bool = True, system: str | None = None) -> torch.Tensor:
+        """``(1, T)`` token ids the model reads for ``prompt``: text in the chat template (``chat``, with an optional
+        ``system`` message) or as plain text; token ids as given."""
+        tok = self._require_tokenizer() if isinstance(prompt, str) else None
+        return generation.prompt_ids(tok, prompt, chat=chat, system=system).to(self.device)
 
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for src in (getattr(self.base, "generation_config", None), self.base.config, self.tokenizer):
-            value = getattr(src, "eos_token_id", None) if src is not None else None
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        return ids
+    def eos_ids(self) -> set[int]:
+        """Token ids that end an answer (from the generation config, the model config and the tokenizer)."""
+        return generation.eos_ids(getattr(self.base, "generation_config", None), self.base.config, self.tokenizer)
 
     def stream(
         self,
@@ -590,65 +413,39 @@ class SharedLLM(nn.Module):
         injection: Injection | None = None,
     ) -> Iterator[str]:
         """Yield the answer's text as it is decoded. Injected states are built once from the prompt, or given
-        ready as ``injection`` (e.g. by `ContextIndex`; then ``context`` must be None)."""
-        if injection is not None and context is not None:
-            raise ValueError("give either context= or injection=, not both")
-        opts = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop)
-        stats = {} if stats is None else stats
-        t0 = time.perf_counter()
-        ids = self._prompt_ids(prompt, chat, system)
-        self._check_length(ids.shape[1] + opts.max_new_tokens)
-        tree = None
-        if context is not None:
-            tree = self.context_tree(context)
-            with torch.no_grad():
-                injection = self.prepare_injection(tree, ids, query_text=prompt if isinstance(prompt, str) else None)
-        t_inject = time.perf_counter()
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        row = RowDecoder(opts, self._eos_ids(), self.tokenizer, generator)
-        with torch.no_grad():
-            out = self.forward(ids, injection=injection, use_cache=True, logits_to_keep=1)
-            t_prefill = time.perf_counter()
-            while not row.done:
-                delta = row.push(out.logits[:, -1])
-                if delta:
-                    yield delta
-                if row.done:
-                    break
-                token = torch.tensor([[row.generated[-1]]], device=self.device)
-                out = self.forward(token, injection=injection, past_key_values=_output_cache(out), use_cache=True, logits_to_keep=1)
-            tail = row.finish()
-            if tail:
-                yield tail
-        generated, first_token_at = row.generated, row.first_token_at
-        end = time.perf_counter()
-        stats.update(
-            {
-                "prompt_tokens": int(ids.shape[1]),
-                "generated_tokens": len(generated),
-                "context_tokens": 0 if tree is None else tree.n_tokens,
-                "chunks": 0 if tree is None else tree.n_chunks,
-                "injected_states": 0 if injection is None else injection.n_states,
-                "injected_nodes": [] if injection is None else [vars(n) for n in injection.nodes[0]],
-                "token_ids": generated,
-                "timings": {
-                    "inject_s": t_inject - t0,
-                    "prefill_s": t_prefill - t_inject,
-                    "first_token_s": (first_token_at or end) - t0,
-                    "decode_s": end - t_prefill,
-                    "total_s": end - t0,
-                    "tokens_per_s": len(generated) / max(end - t_prefill, 1e-9),
-                },
-            }
+        ready as ``injection`` (e.g. by `ContextIndex`; then ``context`` must be None). ``stats``, when given, receives
+        `Completion.report()` at the end (statistics, ``token_ids``, ``timings``)."""
+        options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop)
+        run = self.stream_completion(prompt, context=context, injection=injection, options=options, chat=chat, system=system)
+        yield from run
+        if stats is not None and run.completion is not None:
+            stats.update(run.completion.report())
+
+    def stream_completion(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        *,
+        context: ContextLike | None = None,
+        injection: Injection | None = None,
+        options: SamplingOptions | None = None,
+        chat: bool = True,
+        system: str | None = None,
+    ) -> CompletionStream:
+        """Like `stream`, but the returned iterator holds the typed `Completion` once exhausted (``.completion``)."""
+        return generation.stream_completion(
+            self, prompt, context=context, injection=injection, options=options or SamplingOptions(), chat=chat, system=system
         )
 
     def complete(self, prompt: str | Sequence[int] | torch.Tensor, **kwargs: Any) -> Completion:
         """Generate and return the text with token ids, statistics and timings (see `stream` for options)."""
-        stats: dict[str, Any] = {}
-        text = "".join(self.stream(prompt, stats=stats, **kwargs))
-        timings = stats.pop("timings", {})
-        token_ids = stats.pop("token_ids", [])
-        return Completion(text=text, token_ids=token_ids, stats=stats, timings=timings)
+        if "stats" in kwargs:
+            raise TypeError("complete() returns its statistics in the Completion; stats= is for stream()")
+        sampling = {k: kwargs.pop(k) for k in list(kwargs) if k in generation.SAMPLING_FIELDS}
+        run = self.stream_completion(prompt, options=SamplingOptions(**sampling), **kwargs)
+        for _ in run:
+            pass
+        assert run.completion is not None
+        return run.completion
 
     def complete_batch(
         self,
@@ -668,88 +465,7 @@ class SharedLLM(nn.Module):
         for it alone, up to the floating-point order of batched sums. Decoding runs until every row has ended
         (end of sequence, a stop string or its own ``max_new_tokens``); ended rows are carried along unread.
         """
-        n = len(prompts)
-        if n == 0:
-            return []
-        injections = [None] * n if injections is None else list(injections)
-        if len(injections) != n:
-            raise ValueError(f"got {len(injections)} injections for {n} prompts")
-        if options is None or isinstance(options, dict):
-            options = [dict(options or {})] * n
-        if len(options) != n:
-            raise ValueError(f"got {len(options)} option dicts for {n} prompts")
-        opts = []
-        for o in options:
-            unknown = sorted(set(o) - SAMPLING_FIELDS)
-            if unknown:
-                raise TypeError(f"unknown generation options {unknown}; known: {sorted(SAMPLING_FIELDS)}")
-            opts.append(SamplingOptions(**{"max_new_tokens": 256, **o}))
-        t0 = time.perf_counter()
-        rows = [self._prompt_ids(p, chat, system)[0] for p in prompts]
-        for ids, o in zip(rows, opts):
-            self._check_length(ids.numel() + o.max_new_tokens)
-        tok = self.tokenizer
-        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        eos = self._eos_ids()
-        pad = int(pad if pad is not None else (min(eos) if eos else 0))
-        width = max(r.numel() for r in rows)
-        input_ids = torch.full((n, width), pad, dtype=torch.long, device=self.device)
-        mask = torch.zeros(n, width, dtype=torch.long, device=self.device)
-        for b, r in enumerate(rows):
-            input_ids[b, width - r.numel() :] = r
-            mask[b, width - r.numel() :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        injection = Injection.stack(injections)
-        decoders = [RowDecoder(o, eos, tok, torch.Generator().manual_seed(o.seed) if o.seed is not None else None) for o in opts]
-        texts = [""] * n
-        end_at: list[float | None] = [None] * n
-        t_inject = time.perf_counter()
-        with torch.no_grad():
-            out = self.forward(input_ids, attention_mask=mask, position_ids=positions, injection=injection, use_cache=True, logits_to_keep=1)
-            t_prefill = time.perf_counter()
-            while not all(d.done for d in decoders):
-                logits = out.logits[:, -1]
-                step_tokens = torch.full((n, 1), pad, dtype=torch.long, device=self.device)
-                for b, d in enumerate(decoders):
-                    if d.done:
-                        continue
-                    texts[b] += d.push(logits[b : b + 1])
-                    if not d.done:
-                        step_tokens[b, 0] = d.generated[-1]
-                now = time.perf_counter()
-                for b, d in enumerate(decoders):
-                    if d.done and end_at[b] is None:
-                        end_at[b] = now
-                if all(d.done for d in decoders):
-                    break
-                mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-                positions = positions[:, -1:] + 1
-                out = self.forward(
-                    step_tokens, attention_mask=mask, position_ids=positions, injection=injection,
-                    past_key_values=_output_cache(out), use_cache=True, logits_to_keep=1,
-                )  # rows that have ended are carried along; what they read is never used
-        end = time.perf_counter()
-        results = []
-        for b, d in enumerate(decoders):
-            texts[b] += d.finish()
-            row_end = end_at[b] or end
-            stats = {
-                "prompt_tokens": int(rows[b].numel()),
-                "generated_tokens": len(d.generated),
-                "injected_states": 0 if injections[b] is None else injections[b].n_states,
-                "injected_nodes": [] if injections[b] is None or not injections[b].nodes else [vars(x) for x in injections[b].nodes[0]],
-                "batch_size": n,
-            }
-            timings = {
-                "inject_s": t_inject - t0,
-                "prefill_s": t_prefill - t_inject,
-                "first_token_s": (d.first_token_at or row_end) - t0,
-                "decode_s": row_end - t_prefill,
-                "total_s": row_end - t0,
-                "tokens_per_s": len(d.generated) / max(row_end - t_prefill, 1e-9),
-            }
-            results.append(Completion(text=texts[b], token_ids=d.generated, stats=stats, timings=timings))
-        return results
+        return generation.complete_batch(self, prompts, injections=injections, options=options, chat=chat, system=system)
 
     def generate(self, prompt: str | Sequence[int] | torch.Tensor, *, context: ContextLike | None = None, **kwargs: Any) -> str:
         """The answer to ``prompt`` reading ``context`` (greedy by default). Options: ``max_new_tokens``,
@@ -760,63 +476,6 @@ class SharedLLM(nn.Module):
 # ---------------------------------------------------------------------- helpers
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
-
-
-class TextTreeCache:
-    """Context trees encoded once per (model, text): a small thread-safe LRU for applications that ask many
-    questions about the same few texts (a chat model with a bound document, a notebook).
-
-    Trees are encoded with ``precompute=True`` (every node of every chunk), so any later question about the
-    same text injects states without running the lower model again. ``size=0`` keeps nothing.
-
-    >>> cache = TextTreeCache(size=4)
-    >>> tree = cache.tree(llm, text)      # encodes
-    >>> tree is cache.tree(llm, text)     # a hit: the same tree
-    True
-    """
-
-    def __init__(self, size: int = 8) -> None:
-        if size < 0:
-            raise ValueError(f"TextTreeCache size must be >= 0, got {size}")
-        self.size = size
-        # (id(model), sha256 of the text) -> (weak reference to the model, tree); the reference guards against a
-        # new model that reuses a collected one's id
-        self._trees: OrderedDict[tuple[int, str], tuple[weakref.ref, ContextTree]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.encoded = 0  # texts encoded (misses)
-        self.hits = 0
-
-    def __len__(self) -> int:
-        return len(self._trees)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._trees.clear()
-
-    def tree(self, llm: SharedLLM, text: str) -> ContextTree:
-        """The encoded tree of ``text`` for ``llm`` (encoding it on a miss)."""
-        if not isinstance(text, str):
-            raise TypeError(f"TextTreeCache caches text contexts; got {type(text).__name__}")
-        key = (id(llm), hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
-        with self._lock:
-            entry = self._trees.get(key)
-            if entry is not None and entry[0]() is llm:
-                self._trees.move_to_end(key)
-                self.hits += 1
-                return entry[1]
-        tree = llm.encode(text, precompute=True)  # outside the lock: encoding may take seconds
-        with self._lock:
-            self.encoded += 1
-            if self.size:
-                self._trees[key] = (weakref.ref(llm), tree)
-                while len(self._trees) > self.size:
-                    self._trees.popitem(last=False)
-        return tree
-
-
-def _output_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _query_lengths(batch: int, length: int, query_length, labels) -> list[int]:
@@ -844,31 +503,3 @@ def _row_chunks(chunks, batch: int) -> list[Sequence[int] | None]:
             raise ValueError(f"got chunk lists for {len(chunks)} rows, batch is {batch}")
         return list(chunks)
     return [chunks] * batch
-
-
-def _read_adapter_config(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise AdapterMismatchError(f"{directory} is not a sharedctx adapter: {ADAPTER_CONFIG} is missing")
-    try:
-        meta = json.loads(path.read_text())
-        meta["config"], meta["base_fingerprint"]
-    except (ValueError, KeyError) as exc:
-        raise AdapterMismatchError(f"{path} is not a valid sharedctx adapter config: {exc}") from exc
-    return meta
-
-
-def _merge_configs(saved: SharedCtxConfig, given: SharedCtxConfig | None, where: Path) -> SharedCtxConfig:
-    """The adapter's config, with runtime options taken from ``given``; shape-changing differences are refused."""
-    if given is None:
-        return saved
-    for name in ADAPTER_FIELDS:
-        if getattr(given, name) != getattr(saved, name):
-            raise AdapterMismatchError(
-                f"config.{name}={getattr(given, name)!r} is incompatible with the adapter in {where} "
-                f"({name}={getattr(saved, name)!r}); leave it at the adapter's value"
-            )
-    changed = [f for f in LOWER_FIELDS if getattr(given, f) != getattr(saved, f)]
-    if changed:
-        logger.warning("using options %s that differ from those the adapter in %s was trained with", changed, where)
-    return given

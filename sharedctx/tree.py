@@ -13,15 +13,14 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["NodeId", "NodeStates", "ContextTree", "InjectedNode", "canonical_children", "chunk_spans", "TreeFormatError"]
+from .errors import TreeFormatError
+
+__all__ = ["NodeId", "NodeStates", "ContextTree", "InjectedNode", "canonical_children", "chunk_spans", "subtree_nodes", "TreeFormatError"]
 
 NodeId = tuple[int, int, int]  # (chunk, level, index)
 
 _FORMAT_VERSION = 1
 
-
-class TreeFormatError(ValueError):
-    """A saved context tree is corrupt or was written by an incompatible version."""
 
 
 def chunk_spans(n_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -33,6 +32,24 @@ def canonical_children(start: int, end: int) -> tuple[tuple[int, int], tuple[int
     """Split ``[start, end)`` at ``floor(l/2)`` (no split noise): the spans of the left and right child."""
     b = max(1, (end - start) // 2)
     return (start, start + b), (start + b, end)
+
+
+def subtree_nodes(start: int, end: int, height: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Every node of levels ``1..height`` of the canonical tree over ``[start, end)``, level by level, as
+    ``((level, index), (start, end))``. A node too short to split (one token) has no children. This is the one
+    place that lists a chunk's nodes: `ContextTree.iter_nodes` and the encoder both use it."""
+    out: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    frontier = [((0, 0), (start, end))]
+    for level in range(1, height + 1):
+        nxt = []
+        for (_, index), (a, b) in frontier:
+            if b - a < 2:
+                continue
+            left, right = canonical_children(a, b)
+            nxt += [((level, 2 * index), left), ((level, 2 * index + 1), right)]
+        out += nxt
+        frontier = nxt
+    return out
 
 
 @dataclass
@@ -118,16 +135,8 @@ class ContextTree:
     def iter_nodes(self) -> Iterator[tuple[NodeId, tuple[int, int]]]:
         """Every node of levels 1..h of every chunk, with its token span, level by level."""
         for chunk, (s, e) in enumerate(self.spans):
-            frontier = [((chunk, 0, 0), (s, e))]
-            for _ in range(self.tree_height):
-                nxt = []
-                for (c, level, index), (a, b) in frontier:
-                    if b - a < 2:
-                        continue
-                    left, right = canonical_children(a, b)
-                    nxt += [((c, level + 1, 2 * index), left), ((c, level + 1, 2 * index + 1), right)]
-                yield from nxt
-                frontier = nxt
+            for (level, index), span in subtree_nodes(s, e, self.tree_height):
+                yield (chunk, level, index), span
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_llm, random_ids
-from sharedctx.generation import MicroBatcher
+from sharedctx.concurrency import MicroBatcher
 from sharedctx.injection import Injection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +26,7 @@ def test_batch_equals_each_prompt_alone(arch):
     ctxs = _contexts()
     injections = []
     for p, c in zip(prompts, ctxs):
-        ids = llm._prompt_ids(p, True, None)
+        ids = llm.prompt_ids(p)
         injections.append(llm.prepare_injection(c, ids))
     injections[1] = None  # one row reads nothing
     options = [dict(max_new_tokens=12), dict(max_new_tokens=5), dict(max_new_tokens=9, temperature=0.8, top_k=20, seed=7)]

@@ -71,7 +71,7 @@ def test_ppl_long_held_out_code_and_joined_controls(bench):
     assert "class Decimal" in text and len(text) > 400_000  # long enough for 128K tokens of the default model
     with pytest.raises(FileNotFoundError, match="no evaluation text"):
         bench_ppl.read_text("books/no_such_book.txt")
-    from sharedctx.data import DEFAULT_HOLDOUT
+    from sharedctx.training.data import DEFAULT_HOLDOUT
 
     trained = {p.name.removesuffix(".py.txt").removeprefix("cpython_") for p in (bench_ppl.SHARED_DATA / "code").glob("*.py.txt")}
     assert not {m.split("/")[0].removesuffix(".py") for m in info["modules"]} & trained  # none of it is in the corpus

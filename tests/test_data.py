@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, make_llm
-from sharedctx.data import (
+from sharedctx.training.data import (
     DEFAULT_HOLDOUT,
     IGNORE,
     TASKS,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import byte_tokenizer, tiny_model
-from sharedctx.data import build_shards
+from sharedctx.training.data import build_shards
 
 SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "device" / "gpu_session.py"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, make_llm, random_ids, tiny_model
-from sharedctx.evaluate import eval_passkey, eval_ppl, window_starts
+from sharedctx.training.evaluate import eval_passkey, eval_ppl, window_starts
 from sharedctx.injection import injection_disabled
 
 

@@ -76,7 +76,7 @@ def test_chat_prompt_ids_use_the_template_for_whole_conversations():
     text = llm.tokenizer.decode(ids)
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     # a single question through generate() uses the same template
-    assert llm._prompt_ids("hi", True, "Be brief.")[0].tolist() == ids
+    assert llm.prompt_ids("hi", system="Be brief.")[0].tolist() == ids
     llm.tokenizer.chat_template = None
     assert llm.tokenizer.decode(llm.chat_prompt_ids(messages)).endswith("System: Be brief.\nUser: hi\nAssistant:")
 
@@ -84,7 +84,7 @@ def test_chat_prompt_ids_use_the_template_for_whole_conversations():
 def test_iterate_in_thread_yields_items_and_reraises():
     import asyncio
 
-    from sharedctx.generation import iterate_in_thread
+    from sharedctx.concurrency import iterate_in_thread
 
     def items():
         yield from ("a", "b", "c")

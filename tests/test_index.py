@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_llm
-from sharedctx.chunking import chunk_text, split_units
+from sharedctx.index.chunking import chunk_text, split_units
 from sharedctx.index import ContextIndex, DocumentNotFoundError
 from sharedctx.tree import chunk_spans
 
@@ -337,8 +337,8 @@ def test_eviction_then_recompute(llm, tmp_path):
 def test_lazy_index_encodes_nothing_to_add_and_retrieve_and_equals_eager(llm, tmp_path, monkeypatch):
     eager = build(llm, tmp_path / "eager", policy="lexical")
     calls = []
-    real = ContextIndex._encode_chunks
-    monkeypatch.setattr(ContextIndex, "_encode_chunks", lambda self, chunks: calls.append(len(chunks)) or real(self, chunks))
+    real = llm.encoder.encode_chunks
+    monkeypatch.setattr(llm.encoder, "encode_chunks", lambda chunks: calls.append(len(chunks)) or real(chunks))
     lazy = ContextIndex(llm, tmp_path / "lazy", policy="lexical", encode="lazy")
     for i in range(3):
         r = lazy.add(document(i), doc_id=f"doc{i}", metadata={"n": i})

@@ -7,7 +7,7 @@ import pytest
 from conftest import make_llm
 from sharedctx.errors import InputError
 from sharedctx.index import ContextIndex
-from sharedctx.store import StoreFullError, StoreMismatchError
+from sharedctx.index.store import StoreFullError, StoreMismatchError
 from test_index import CFG, document
 
 
@@ -74,13 +74,13 @@ def test_directory_of_thousands_of_files(llm, tmp_path):
 def test_long_document_is_streamed_in_bounded_batches(llm, tmp_path, monkeypatch):
     index = ContextIndex(llm, tmp_path / "ix", batch_chunks=4)
     seen: list[int] = []
-    real = index._encode_chunks
+    real = llm.encoder.encode_chunks
 
     def spy(chunks):
         seen.append(len(chunks))
         return real(chunks)
 
-    monkeypatch.setattr(index, "_encode_chunks", spy)
+    monkeypatch.setattr(llm.encoder, "encode_chunks", spy)
     text = "".join(document(s, paragraphs=60) for s in range(6))  # ~25K tokens, ~450 chunks
     r = index.add(text, doc_id="long")
     assert r.tokens > 20_000 and r.chunks > 300

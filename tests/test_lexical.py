@@ -44,7 +44,7 @@ def test_lexical_walk_reaches_the_needle_at_the_finest_level(at):
     llm = make_llm(gates=1.0, policy="lexical", chunk_size=256, tree_height=3, node_keep=4)
     text, _ = _text_with_needle(1000, at, " zebra lantern ")
     tree = llm.encode(text)
-    ids = llm._prompt_ids("Where does the zebra lantern glow?", True, None)
+    ids = llm.prompt_ids("Where does the zebra lantern glow?")
     inj = llm.prepare_injection(tree, ids, query_text="Where does the zebra lantern glow?")
     texts = {(n.level, n.index, n.chunk): llm.span_text(tree, n.start, n.end) for n in inj.nodes[0]}
     assert "".join(texts[k] for k in sorted(texts, key=lambda k: [n for n in inj.nodes[0] if (n.level, n.index, n.chunk) == k][0].start)) == text

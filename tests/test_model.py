@@ -222,7 +222,7 @@ def test_config_validation():
 
 
 def test_unsupported_model_is_refused():
-    from sharedctx.models import UnsupportedModelError
+    from sharedctx.base_model import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="LLaMA-family"):
         SharedLLM.from_model(torch.nn.Linear(2, 2))
@@ -250,9 +250,9 @@ def test_split_noise_only_while_training_and_nodes_tile_chunks():
     llm = make_llm(split_noise=0.2, policy="random")
     tree = llm.encode(random_ids(130, seed=50), precompute=False)
     llm.train()
-    spans_train = [(n[1]) for n in llm.select(tree, None, generator=torch.Generator().manual_seed(3))]
+    spans_train = llm.select(tree, None, generator=torch.Generator().manual_seed(3)).spans
     llm.eval()
-    spans_eval = [(n[1]) for n in llm.select(tree, None)]
+    spans_eval = llm.select(tree, None).spans
     for spans in (spans_train, spans_eval):
         for chunk, (s, e) in enumerate(tree.spans):
             inside = sorted(sp for sp in spans if s <= sp[0] < e)
@@ -278,7 +278,7 @@ def test_bfloat16_encoding_precomputed_equals_on_the_fly():
 def test_training_draws_fresh_split_noise_each_step_and_inference_is_repeatable():
     llm = make_llm(split_noise=0.2, policy="random")
     tree = llm.encode(random_ids(256, seed=70), precompute=False)
-    spans = lambda: [span for _, span, _ in llm.select(tree, None)]
+    spans = lambda: llm.select(tree, None).spans
     llm.train()
     first, second = spans(), spans()
     assert first != second  # a training run must not see the same splits at every step

@@ -11,7 +11,7 @@ import diskcache
 import pytest
 import torch
 
-from sharedctx.store import (
+from sharedctx.index.store import (
     SafeDisk,
     StoreError,
     StoreFullError,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer, make_llm, tiny_model
-from sharedctx.data import build_shards, TokenShards
-from sharedctx.train import Trainer, TrainConfig, collate, load_recipe, lr_factor
+from sharedctx.training.data import build_shards, TokenShards
+from sharedctx.training.trainer import Trainer, TrainConfig, collate, load_recipe, lr_factor
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SMALL = dict(injection_layers=2, chunk_size=32, tree_height=3, node_keep=4, policy="right")
@@ -67,7 +67,7 @@ def test_mixed_tasks_and_batches(tmp_path, shards):
 
 
 def test_collate_pads_labels_and_mask():
-    from sharedctx.data import Example
+    from sharedctx.training.data import Example
 
     a = Example(torch.arange(5), torch.tensor([5, 6, 7]), torch.tensor([-100, 6, 7]))
     b = Example(torch.arange(4), torch.tensor([8, 9]), torch.tensor([-100, 9]))

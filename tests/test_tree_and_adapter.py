@@ -88,7 +88,7 @@ def test_fingerprint_is_stable_across_dtypes():
     a = make_llm()
     b = make_llm()
     b.to(torch.bfloat16)
-    from sharedctx.models import base_fingerprint
+    from sharedctx.base_model import base_fingerprint
 
     assert base_fingerprint(a.base) == base_fingerprint(b.base)
     assert base_fingerprint(make_llm(seed=5).base) != a.fingerprint

@@ -88,6 +88,10 @@ def register_triton(register_backend: Callable) -> None:
         logger.info("sharedctx-kernels: triton is not installed; the triton backend is not registered")
         return
     register_backend(Backend("triton", triton_chunk_cross_attention, triton_supports, TRITON_HINT))
+    from sharedctx.ops import Sampler, register_sampler
+
+    # the fused gather pays off only on a GPU (under Triton's CPU interpreter it is a test vehicle, not a speed-up)
+    register_sampler(Sampler("triton", sample_kv, lambda device, dtype: device.type == "cuda"))
 
 
 def register_flash_attn(register_backend: Callable) -> None:

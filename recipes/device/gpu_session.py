@@ -29,9 +29,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sharedctx import SharedCtxConfig, SharedLLM  # noqa: E402
-from sharedctx.data import DEFAULT_HOLDOUT, read_eval_text  # noqa: E402
-from sharedctx.evaluate import eval_passkey, eval_ppl, machine  # noqa: E402
-from sharedctx.train import Trainer, load_recipe  # noqa: E402
+from sharedctx.training.data import DEFAULT_HOLDOUT, read_eval_text  # noqa: E402
+from sharedctx.training.evaluate import eval_passkey, eval_ppl, machine  # noqa: E402
+from sharedctx.training.trainer import Trainer, load_recipe  # noqa: E402
 
 
 def load_model(args) -> tuple[torch.nn.Module, object]:
@@ -44,7 +44,7 @@ def load_model(args) -> tuple[torch.nn.Module, object]:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     else:
-        from sharedctx.models import load_base_model
+        from sharedctx.base_model import load_base_model
 
         model, tok = load_base_model(args.model)
     return model.to(args.device).eval(), tok

@@ -15,9 +15,9 @@ RECIPE=${RECIPE:-recipes/smollm2-gpu.toml}
 import shutil, sys
 from pathlib import Path
 from transformers import AutoTokenizer
-from sharedctx.data import build_shards
-from sharedctx.models import default_model_path
-from sharedctx.train import load_recipe
+from sharedctx.training.data import build_shards
+from sharedctx.base_model import default_model_path
+from sharedctx.training.trainer import load_recipe
 
 work, recipe = Path(sys.argv[1]), load_recipe(sys.argv[2])
 data = Path("..").resolve() / "shared" / "data"

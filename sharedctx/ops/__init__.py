@@ -8,7 +8,16 @@ from .attention import (
     rotate_inputs,
     sdpa_chunk_cross_attention,
 )
-from .dispatch import Backend, BackendUnavailableError, available_backends, register_backend, resolve_backend
+from .dispatch import (
+    Backend,
+    BackendUnavailableError,
+    Sampler,
+    available_backends,
+    register_backend,
+    register_sampler,
+    resolve_backend,
+    resolve_sampler,
+)
 from .rope import apply_rope, rope_cos_sin, rotate_half
 from .sampling import sample_indices, split_point
 from .scoring import cosine_scores
@@ -22,7 +31,10 @@ __all__ = [
     "cosine_scores",
     "eager_chunk_cross_attention",
     "register_backend",
+    "register_sampler",
+    "Sampler",
     "resolve_backend",
+    "resolve_sampler",
     "rope_cos_sin",
     "rotate_half",
     "rotate_inputs",

@@ -1,8 +1,9 @@
-"""Choose a cross-attention backend: registered kernels first, then SDPA, then eager.
+"""Choose a cross-attention backend (registered kernels first, then SDPA, then eager) and a fused K/V
+sampler for node encoding (a registered kernel, else None: the encoder gathers with ``index_select``).
 
 Optional distributions (``sharedctx-kernels``) register backends through the entry-point group
-``sharedctx.attention_backends``: each entry point names a callable that receives `register_backend`.
-The core never imports them directly.
+``sharedctx.attention_backends``: each entry point names a callable that receives `register_backend`
+(and may call `register_sampler`). The core never imports them directly.
 """
 
 from __future__ import annotations
@@ -15,17 +16,23 @@ from typing import Callable
 
 import torch
 
+from ..errors import BackendUnavailableError
 from .attention import eager_chunk_cross_attention, sdpa_chunk_cross_attention
 
-__all__ = ["Backend", "BackendUnavailableError", "register_backend", "resolve_backend", "available_backends"]
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "Sampler",
+    "register_backend",
+    "register_sampler",
+    "resolve_backend",
+    "resolve_sampler",
+    "available_backends",
+]
 
 logger = logging.getLogger(__name__)
 
 AUTO_ORDER = ("triton", "flash_attn", "sdpa", "eager")
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested attention backend cannot run here."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,19 @@ class Backend:
     install_hint: str = ""
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """A fused K/V sampler: ``fn(k, v, *, keep, align, out_k, out_v)`` gathers ``keep`` stride-aligned states of
+    ``k, v (B, Hkv, L, D)`` straight into ``out_k, out_v (B, Hkv, keep, D)`` (see `sharedctx.ops.sampling`)."""
+
+    name: str
+    fn: Callable[..., object]
+    #: ``supports(device, dtype) -> bool``
+    supports: Callable[[torch.device, torch.dtype], bool]
+
+
 _REGISTRY: dict[str, Backend] = {}
+_SAMPLERS: dict[str, Sampler] = {}
 _LOCK = threading.Lock()
 _PLUGINS_LOADED = False
 _ANNOUNCED: set[tuple[str, str, str]] = set()
@@ -51,6 +70,25 @@ def register_backend(backend: Backend) -> None:
 
 register_backend(Backend("eager", eager_chunk_cross_attention, lambda device, dtype: True))
 register_backend(Backend("sdpa", sdpa_chunk_cross_attention, lambda device, dtype: True))
+
+
+def register_sampler(sampler: Sampler) -> None:
+    """Add or replace a fused K/V sampler by name."""
+    with _LOCK:
+        _SAMPLERS[sampler.name] = sampler
+
+
+def resolve_sampler(device: torch.device, dtype: torch.dtype) -> Callable[..., object] | None:
+    """The first registered fused sampler that runs on ``device``/``dtype``, or None (gather in PyTorch)."""
+    _load_plugins()
+    for sampler in list(_SAMPLERS.values()):
+        if sampler.supports(device, dtype):
+            key = ("sampler:" + sampler.name, str(device.type), str(dtype))
+            if key not in _ANNOUNCED:
+                _ANNOUNCED.add(key)
+                logger.info("sharedctx node sampling: fused %s gather (%s, %s)", sampler.name, device.type, dtype)
+            return sampler.fn
+    return None
 
 
 def _load_plugins() -> None:

@@ -14,7 +14,7 @@ from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, model_validator
 
-from ._runtime import ContextCache, is_index, load_llm, message_text
+from sharedctx.contexts import TextTreeCache, find_index, message_text
 
 __all__ = ["ChatSharedLLM"]
 
@@ -77,7 +77,7 @@ class ChatSharedLLM(BaseChatModel):
     streaming: bool = False
     context_cache_size: int = Field(default=8, ge=0, description="encoded text contexts kept per chat model")
 
-    _contexts: ContextCache = PrivateAttr(default_factory=ContextCache)
+    _contexts: TextTreeCache = PrivateAttr(default_factory=TextTreeCache)
     _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @model_validator(mode="before")
@@ -99,7 +99,7 @@ class ChatSharedLLM(BaseChatModel):
         if self.llm is None:
             with self._load_lock:
                 if self.llm is None:
-                    self.llm = load_llm(self.model_name, self.adapter, self.device, self.dtype)
+                    self.llm = _load_llm(self.model_name, self.adapter, self.device, self.dtype)
         return self.llm
 
     @property
@@ -111,7 +111,7 @@ class ChatSharedLLM(BaseChatModel):
             name = getattr(name, "_name_or_path", "") if name is not None else ""
             if name:
                 return str(name)
-        from sharedctx.models import DEFAULT_MODEL_NAME
+        from sharedctx.base_model import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME if self.llm is None else "sharedctx-custom"
 
@@ -189,7 +189,7 @@ class ChatSharedLLM(BaseChatModel):
         llm = self.get_llm()
         context = kwargs.get("context", self.context)
         ids = self.prompt_ids(messages)
-        if is_index(context):
+        if find_index(context) is not None:
             # the index selects nodes for the last question and injects their stored states; the model reads the
             # whole conversation
             if context.llm is not llm:
@@ -197,7 +197,7 @@ class ChatSharedLLM(BaseChatModel):
             yield from context.stream(last_user_text(messages), mode="latent", prompt=ids, stats=stats, **options)
             stats["citations"] = [c.to_dict() for c in stats.get("citations", [])]
         else:
-            tree = self._contexts.tree(llm, context)
+            tree = self._contexts.context(llm, context)
             yield from llm.stream(ids, context=tree, stats=stats, **options)
         stats["max_new_tokens"] = options["max_new_tokens"]
 
@@ -277,7 +277,7 @@ class ChatSharedLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        from sharedctx.generation import iterate_in_thread
+        from sharedctx.concurrency import iterate_in_thread
 
         stats: dict[str, Any] = {}
         async for delta in iterate_in_thread(lambda: self._deltas(messages, stop, stats, kwargs)):
@@ -286,3 +286,10 @@ class ChatSharedLLM(BaseChatModel):
                 await run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
         yield self._last_chunk(stats)
+
+
+def _load_llm(model: str | None, adapter: str | None, device: str | None, dtype: str | None) -> Any:
+    """``SharedLLM.shared``: one model per set of options, shared by everything alive in this process."""
+    from sharedctx import SharedLLM
+
+    return SharedLLM.shared(model, adapter=adapter, device=device, dtype=dtype)

@@ -10,7 +10,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, field_validator
 
-from ._runtime import is_index
+from sharedctx.contexts import find_index
 
 __all__ = ["SharedContextRetriever", "citation_to_document"]
 
@@ -58,7 +58,7 @@ class SharedContextRetriever(BaseRetriever):
     @field_validator("index")
     @classmethod
     def _check_index(cls, value: Any) -> Any:
-        if not is_index(value):
+        if find_index(value) is not value:
             raise TypeError(f"index must be a sharedctx.index.ContextIndex, got {type(value).__name__}")
         return value
 

@@ -45,20 +45,20 @@ def index(llm):
 
 
 class Spy:
-    """Records what `sharedctx.SharedLLM.stream` is given: the prompt and the injection or context."""
+    """Records what `sharedctx.SharedLLM.stream_completion` (behind every answer) is given: the prompt and the injection or context."""
 
     def __init__(self, llm) -> None:
         self.llm, self.calls = llm, []
 
     def __enter__(self):
-        original = self.llm.stream
+        original = self.llm.stream_completion
 
         def stream(prompt, **kw):
             self.calls.append({"prompt": prompt, **kw})
             return original(prompt, **kw)
 
-        self.llm.stream = stream
+        self.llm.stream_completion = stream
         return self
 
     def __exit__(self, *exc):
-        del self.llm.stream
+        del self.llm.stream_completion

@@ -103,7 +103,7 @@ def test_llm_reads_an_index_through_chat(index, llm):
     # a sampling top_k reaches the sampler; it does not change how many chunks the index injects
     with Spy(llm) as spy:
         lm.complete(QUESTION, top_k=5, temperature=1.0, seed=1)
-    assert spy.calls[0]["top_k"] == 5 and spy.calls[0]["injection"].n_states == r.additional_kwargs["injected_states"]
+    assert spy.calls[0]["options"].top_k == 5 and spy.calls[0]["injection"].n_states == r.additional_kwargs["injected_states"]
 
 
 def test_insert_delete_and_persist(llm, tmp_path):

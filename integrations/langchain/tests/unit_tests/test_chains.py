@@ -24,17 +24,17 @@ class Spy:
         self.llm, self.calls = llm, []
 
     def __enter__(self):
-        original = self.llm.stream
+        original = self.llm.stream_completion
 
         def stream(prompt, **kw):
             self.calls.append({"prompt": list(prompt), **kw})
             return original(prompt, **kw)
 
-        self.llm.stream = stream
+        self.llm.stream_completion = stream
         return self
 
     def __exit__(self, *exc):
-        del self.llm.stream
+        del self.llm.stream_completion
 
 
 def span_ids(llm, text: str) -> list[int]:

@@ -64,18 +64,18 @@ def test_context_is_injected_not_prompted(llm, context_text):
     chat = ChatSharedLLM(llm=llm, max_tokens=10)
     question = "What colour is the lantern?"
     seen: list[list[int]] = []
-    original = llm.stream
+    original = llm.stream_completion
 
     def spy(prompt, **kw):
         seen.append(list(prompt))
         return original(prompt, **kw)
 
-    llm.stream = spy
+    llm.stream_completion = spy
     try:
         with_ctx = chat.invoke(question, context=context_text)
         without = chat.invoke(question)
     finally:
-        del llm.stream
+        del llm.stream_completion
     context_ids = llm.tokenizer(context_text[:60], add_special_tokens=False)["input_ids"]
     assert not contains(seen[0], context_ids)
     assert seen[0] == seen[1]  # the context adds nothing to the prompt

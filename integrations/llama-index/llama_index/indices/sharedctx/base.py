@@ -33,7 +33,7 @@ def _resolve_llm(llm: Any) -> Any:
     if llm is not None and callable(getattr(llm, "get_llm", None)):
         return llm.get_llm()
     if llm is None:
-        from llama_index.llms.sharedctx._runtime import load_llm
+        from llama_index.llms.sharedctx.base import load_llm
 
         return load_llm(None, None, None, None)
     raise TypeError(

@@ -22,7 +22,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field, PrivateAttr
 
-from ._runtime import ContextCache, as_context_index, load_llm
+from sharedctx.contexts import TextTreeCache, find_index
 
 __all__ = ["SharedLLM"]
 
@@ -67,7 +67,7 @@ class SharedLLM(CustomLLM):
     context_window: int | None = Field(default=None, description="the base model's window (read from it when None)")
     context_cache_size: int = Field(default=8, ge=0)
 
-    _contexts: ContextCache = PrivateAttr(default_factory=ContextCache)
+    _contexts: TextTreeCache = PrivateAttr(default_factory=TextTreeCache)
     _load_lock: Any = PrivateAttr(default_factory=threading.Lock)
 
     def model_post_init(self, __context: Any) -> None:
@@ -94,7 +94,7 @@ class SharedLLM(CustomLLM):
         if self.llm is not None:
             name = getattr(getattr(getattr(self.llm, "base", None), "config", None), "_name_or_path", "")
             return str(name) if name else "sharedctx-custom"
-        from sharedctx.models import DEFAULT_MODEL_NAME
+        from sharedctx.base_model import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
 
@@ -141,14 +141,14 @@ class SharedLLM(CustomLLM):
         llm = self.get_llm()
         context = kwargs.get("context", self.context)
         ids = self.prompt_ids(messages)
-        index = as_context_index(context)
+        index = find_index(context)
         if index is not None:
             if index.llm is not llm:
                 raise ValueError("this index was built with another sharedctx.SharedLLM than this LLM's; pass llm=index.llm")
             yield from index.stream(question, mode="latent", prompt=ids, stats=stats, **options)
             stats["citations"] = [c.to_dict() for c in stats.get("citations", [])]
         else:
-            tree = self._contexts.tree(llm, context)
+            tree = self._contexts.context(llm, context)
             yield from llm.stream(ids, context=tree, stats=stats, **options)
         stats["max_new_tokens"] = options["max_new_tokens"]
 
@@ -247,12 +247,19 @@ class SharedLLM(CustomLLM):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        from sharedctx.generation import iterate_in_thread
+        from sharedctx.concurrency import iterate_in_thread
 
         return iterate_in_thread(lambda: self.stream_complete(prompt, formatted, **kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        from sharedctx.generation import iterate_in_thread
+        from sharedctx.concurrency import iterate_in_thread
 
         return iterate_in_thread(lambda: self.stream_chat(messages, **kwargs))
+
+
+def load_llm(model: str | None, adapter: str | None, device: str | None, dtype: str | None) -> Any:
+    """``SharedLLM.shared``: one model per set of options, shared by everything alive in this process."""
+    from sharedctx import SharedLLM
+
+    return SharedLLM.shared(model, adapter=adapter, device=device, dtype=dtype)

@@ -25,8 +25,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import SharedCtxConfig
-from .data import IGNORE, TASKS, Example, TokenShards, build_shards, instruction_example, lm_example
+from ..config import SharedCtxConfig
+from .data import (
+    IGNORE,
+    TASKS,
+    Example,
+    TokenShards,
+    build_shards,
+    instruction_example,
+    lm_example,
+)
 
 __all__ = ["TrainConfig", "Trainer", "load_recipe", "collate", "lr_factor", "summarize_log"]
 
@@ -220,7 +228,7 @@ class Trainer:
         self.out = Path(config.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         if llm is None:
-            from .model import SharedLLM
+            from ..model import SharedLLM
 
             llm = SharedLLM.from_pretrained(
                 config.model or None, adapter=False, config=SharedCtxConfig.from_dict(config.sharedctx), device=config.device

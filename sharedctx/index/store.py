@@ -30,8 +30,13 @@ import diskcache
 import numpy as np
 import torch
 
-from .errors import SharedCtxError
-from .tree import NodeStates
+from ..errors import (
+    StoreError,
+    StoreFullError,
+    StoreMismatchError,
+    UnsafeEntryError,
+)
+from ..tree import NodeStates
 
 __all__ = [
     "TreeStore",
@@ -56,20 +61,8 @@ DEFAULT_SIZE_LIMIT = 4 * 2**30
 ChunkNodes = dict[tuple[int, int], NodeStates]  # (level, index) -> states; (0, 0) is the chunk root
 
 
-class StoreError(SharedCtxError, RuntimeError):
-    """A store could not be opened, read or written."""
 
 
-class StoreFullError(StoreError):
-    """The disk holding the store is full: nothing half-written was kept."""
-
-
-class StoreMismatchError(SharedCtxError, ValueError):
-    """The store was built by another base model or with other lower-side options."""
-
-
-class UnsafeEntryError(StoreError):
-    """An entry in the store is pickled (or otherwise not sharedctx bytes) and is refused, never loaded."""
 
 
 # ---------------------------------------------------------------------- a diskcache Disk that never pickles

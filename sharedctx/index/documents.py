@@ -1,136 +1,25 @@
-"""The documents of a ContextIndex: results it returns and the on-disk table of documents (usable without a model).
+"""The documents of a ContextIndex: the on-disk table of documents (usable without a model) and reading files.
 
 Each document record (token ids, character offsets, text, chunk boundaries and chunk root keys) is one checked
-safetensors blob in ``DIR/docs``, a diskcache that never evicts and never unpickles (see `sharedctx.store`).
+safetensors blob in ``DIR/docs``, a diskcache that never evicts and never unpickles (see `sharedctx.index.store`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from .errors import InputError, SharedCtxError
+from ..errors import DocumentNotFoundError, InputError
+from .results import DocumentInfo
 from .store import BlobCache, StoreMismatchError
 
-__all__ = [
-    "Citation",
-    "Answer",
-    "AddResult",
-    "BuildReport",
-    "DocumentInfo",
-    "DocumentTable",
-    "DocumentNotFoundError",
-    "read_document",
-]
+__all__ = ["DocumentTable", "DocumentNotFoundError", "read_document"]
 
-
-class DocumentNotFoundError(SharedCtxError, KeyError):
-    """No document of that id is in the index."""
-
-    def __str__(self) -> str:  # KeyError quotes its message
-        return str(self.args[0]) if self.args else ""
-
-
-# ---------------------------------------------------------------------- results
-@dataclass
-class Citation:
-    """A preserved node whose states were selected: where it comes from, what it says, how well it matched."""
-
-    doc_id: str
-    chunk: int  # chunk index within the document
-    level: int  # 0 = the whole chunk, 1..h = nodes of its tree
-    index: int
-    char_start: int
-    char_end: int
-    token_start: int  # token span within the document
-    token_end: int
-    score: float  # cosine of the node key with the query key
-    chunk_score: float  # cosine of the chunk root key with the query key
-    n_states: int
-    text: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Answer:
-    """An answer with the citations it read, statistics and timings."""
-
-    text: str
-    citations: list[Citation]
-    stats: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class AddResult:
-    doc_id: str
-    tokens: int
-    chunks: int
-    chunks_encoded: int
-    chunks_reused: int
-    unchanged: bool = False  # the same document was already indexed: nothing written
-    chunks_deferred: int = 0  # ContextIndex(encode="lazy"): left to encode when a latent query first needs them
-    replaced: bool = False  # a document of this id was replaced
-
-
-@dataclass
-class BuildReport:
-    added: list[AddResult] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-    @property
-    def documents(self) -> int:
-        return len(self.added)
-
-    @property
-    def chunks(self) -> int:
-        return sum(r.chunks for r in self.added)
-
-    @property
-    def chunks_encoded(self) -> int:
-        return sum(r.chunks_encoded for r in self.added)
-
-    @property
-    def chunks_reused(self) -> int:
-        return sum(r.chunks_reused for r in self.added)
-
-    @property
-    def chunks_deferred(self) -> int:
-        return sum(r.chunks_deferred for r in self.added)
-
-    @property
-    def tokens(self) -> int:
-        return sum(r.tokens for r in self.added)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "chunks": self.chunks,
-            "chunks_encoded": self.chunks_encoded,
-            "chunks_reused": self.chunks_reused,
-            "chunks_deferred": self.chunks_deferred,
-            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
-            "added": [asdict(r) for r in self.added],
-        }
-
-
-@dataclass
-class DocumentInfo:
-    doc_id: str
-    tokens: int
-    chunks: int
-    chars: int
-    source: str | None
-    metadata: dict[str, Any]
 
 
 # ---------------------------------------------------------------------- documents

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .errors import ModelLoadError, UnsupportedModelError
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "SUPPORTED_MODEL_TYPES",
@@ -37,12 +39,6 @@ _DEFAULT_DIRNAME = "smollm2-135m-instruct-q4_1"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3")
 
 
-class ModelLoadError(RuntimeError):
-    """A base model could not be found or loaded."""
-
-
-class UnsupportedModelError(ValueError):
-    """The base model is not of a supported (LLaMA-family) architecture."""
 
 
 def sharedctx_home() -> Path:

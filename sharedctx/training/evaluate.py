@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..injection import injection_disabled
 from .data import passkey_example
-from .injection import injection_disabled
 
 __all__ = ["eval_ppl", "eval_passkey", "window_starts", "add_eval_parser", "MODES"]
 
@@ -217,7 +217,7 @@ def _adapter_info(llm: Any) -> dict[str, Any]:
 
 
 def _cmd_ppl(args) -> int:
-    from .documents import read_document
+    from ..index.documents import read_document
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +257,7 @@ def _cmd_ppl(args) -> int:
 
 
 def _cmd_passkey(args) -> int:
-    from .documents import read_document
+    from ..index.documents import read_document
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -147,7 +147,7 @@ def build_shards(
         if seq and isinstance(seq[0], tuple):
             yield from seq  # type: ignore[misc]
             return
-        from .documents import read_document
+        from ..index.documents import read_document
 
         for name, path in iter_text_files(seq):  # type: ignore[arg-type]
             yield name, read_document(path)

@@ -1,0 +1,121 @@
+"""Adapter files: what `SharedLLM.save_pretrained` writes and `load_adapter` reads (only the new parameters,
+peft-style), the configuration merge when loading, and the adapter shipped for the default model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._version import __version__
+from .base_model import DEFAULT_MODEL_NAME
+from .config import ADAPTER_FIELDS, LOWER_FIELDS, SharedCtxConfig
+from .errors import AdapterMismatchError
+
+if TYPE_CHECKING:
+    from .model import SharedLLM
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "default_adapter_path",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_config",
+    "merge_configs",
+]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "sharedctx_adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+_DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
+
+
+def default_adapter_path() -> Path | None:
+    """The adapter shipped for the default model, when one ships."""
+    return _DEFAULT_ADAPTER if (_DEFAULT_ADAPTER / ADAPTER_CONFIG).is_file() else None
+
+
+def save_adapter(llm: SharedLLM, directory: str | os.PathLike) -> None:
+    """Write only the new parameters: ``sharedctx_adapter.json`` + ``adapter.safetensors``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in llm.adapter_state_dict().items()}
+    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    meta = {
+        "sharedctx_version": __version__,
+        "base_fingerprint": llm.fingerprint,
+        "base_model_type": llm.base.config.model_type,
+        "base_name_or_path": getattr(llm.base.config, "_name_or_path", "") or DEFAULT_MODEL_NAME,
+        "config": llm.config.to_dict(),
+        "trained": llm.adapter_trained,
+    }
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+def load_adapter(llm: SharedLLM, directory: str | os.PathLike) -> None:
+    """Load adapter weights saved by `save_pretrained`, refusing one made for another base model."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    if meta["base_fingerprint"] != llm.fingerprint:
+        raise AdapterMismatchError(
+            f"the adapter in {directory} was made for base model {meta['base_fingerprint']} "
+            f"({meta.get('base_name_or_path', '?')}), but this base model is {llm.fingerprint}. "
+            "Load it on the base model it was trained for, or train one for this model (`sharedctx train`)."
+        )
+    saved = SharedCtxConfig.from_dict(meta["config"])
+    for name in ADAPTER_FIELDS:
+        if getattr(saved, name) != getattr(llm.config, name):
+            raise AdapterMismatchError(
+                f"the adapter in {directory} has {name}={getattr(saved, name)!r} but this model has "
+                f"{name}={getattr(llm.config, name)!r}; build the model with the adapter's configuration"
+            )
+    path = directory / ADAPTER_WEIGHTS
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise AdapterMismatchError(f"cannot read adapter weights {path}: {exc}") from exc
+    expected = llm.adapter_state_dict()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+        raise AdapterMismatchError(f"the adapter weights in {path} do not match this model's adapter shapes (cross-attention, upper LoRA)")
+    with torch.no_grad():
+        for k, v in state.items():
+            expected[k].copy_(v.to(expected[k].dtype))
+    llm.adapter_trained = bool(meta.get("trained", True))
+    llm.adapter_path = str(directory)
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise AdapterMismatchError(f"{directory} is not a sharedctx adapter: {ADAPTER_CONFIG} is missing")
+    try:
+        meta = json.loads(path.read_text())
+        meta["config"], meta["base_fingerprint"]
+    except (ValueError, KeyError) as exc:
+        raise AdapterMismatchError(f"{path} is not a valid sharedctx adapter config: {exc}") from exc
+    return meta
+
+
+def merge_configs(saved: SharedCtxConfig, given: SharedCtxConfig | None, where: Path) -> SharedCtxConfig:
+    """The adapter's config, with runtime options taken from ``given``; shape-changing differences are refused."""
+    if given is None:
+        return saved
+    for name in ADAPTER_FIELDS:
+        if getattr(given, name) != getattr(saved, name):
+            raise AdapterMismatchError(
+                f"config.{name}={getattr(given, name)!r} is incompatible with the adapter in {where} "
+                f"({name}={getattr(saved, name)!r}); leave it at the adapter's value"
+            )
+    changed = [f for f in LOWER_FIELDS if getattr(given, f) != getattr(saved, f)]
+    if changed:
+        logger.warning("using options %s that differ from those the adapter in %s was trained with", changed, where)
+    return given

@@ -1,0 +1,180 @@
+"""Contexts as applications hand them over: text, documents of LangChain or LlamaIndex, lists of them, encoded
+trees or an index; resolved to what `SharedLLM` reads, with the trees of recent texts kept so a bound document is
+encoded once. Shared by both integrations (which import this module at their own import time: it imports neither
+torch nor the rest of sharedctx until a context is actually encoded)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+import weakref
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .index import ContextIndex
+    from .model import SharedLLM
+    from .tree import ContextTree
+
+__all__ = ["TextTreeCache", "tree_for", "check_tree", "context_text", "message_text", "find_index"]
+
+
+def tree_for(llm: SharedLLM, context: Any) -> ContextTree:
+    """A lazy tree (tokens only, with character offsets for text) for text or token ids under ``llm``'s options;
+    a `ContextTree` is checked against ``llm`` and returned as it is."""
+    import torch
+
+    from .tree import ContextTree
+
+    if isinstance(context, ContextTree):
+        check_tree(llm, context)
+        return context
+    text = offsets = None
+    if isinstance(context, str):
+        text = context
+        enc = llm._require_tokenizer()(context, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+        offsets = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    else:
+        ids = torch.as_tensor(context, dtype=torch.long).reshape(-1).cpu()
+    vocab = llm.base.config.vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"context token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+    cfg = llm.config
+    return ContextTree(
+        input_ids=ids, chunk_size=cfg.chunk_size, tree_height=cfg.tree_height, node_keep=cfg.node_keep,
+        sampling=cfg.sampling, fingerprint=llm.fingerprint, text=text, offsets=offsets,
+    )
+
+
+def check_tree(llm: SharedLLM, tree: ContextTree) -> None:
+    """Refuse (`ContextMismatchError`) a tree encoded by another base model or with other lower-side options."""
+    from .errors import ContextMismatchError
+
+    if tree.fingerprint != llm.fingerprint:
+        raise ContextMismatchError(
+            f"this context tree was encoded by base model {tree.fingerprint}, not {llm.fingerprint}; encode it again with this model"
+        )
+    mine = llm.config.lower_signature()
+    theirs = {"chunk_size": tree.chunk_size, "tree_height": tree.tree_height, "node_keep": tree.node_keep, "sampling": tree.sampling}
+    diff = {k: (theirs[k], mine[k]) for k in theirs if theirs[k] != mine[k]}
+    if diff:
+        raise ContextMismatchError(f"context tree options differ from this model's config (tree, model): {diff}; encode it again")
+
+
+def _item_text(item: Any) -> str | None:
+    """Text of a string, a LangChain ``Document`` (``page_content``) or a LlamaIndex node / ``NodeWithScore``."""
+    if isinstance(item, str):
+        return item
+    if hasattr(item, "page_content"):
+        return str(item.page_content)
+    item = getattr(item, "node", item)  # NodeWithScore wraps its node
+    get_content = getattr(item, "get_content", None)
+    return str(get_content()) if callable(get_content) else None
+
+
+def context_text(context: Any) -> str | None:
+    """The text of a context given as a string, a document or node, or a sequence of them (joined by blank
+    lines); None when ``context`` is none of these."""
+    if isinstance(context, (list, tuple)):
+        parts = [_item_text(c) for c in context]
+        return None if any(p is None for p in parts) else "\n\n".join(parts)  # type: ignore[arg-type]
+    return _item_text(context)
+
+
+def message_text(content: Any) -> str:
+    """Text of a chat message's content: a string, or text blocks (other block types are refused)."""
+    if isinstance(content, str):
+        return content
+    parts: list[str] = []
+    for block in content or ():
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+        else:
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+            raise ValueError(f"SharedLLM reads text only; got a {kind!r} content block. Pass text content.")
+    return "".join(parts)
+
+
+def find_index(obj: Any) -> ContextIndex | None:
+    """The `ContextIndex` behind ``obj`` (itself, or the ``context_index`` of a wrapper such as LlamaIndex's
+    ``SharedContextIndex``), else None. Never imports sharedctx.index: no index exists before it is loaded."""
+    module = sys.modules.get("sharedctx.index.facade")
+    if module is None:
+        return None
+    if isinstance(obj, module.ContextIndex):
+        return obj
+    inner = getattr(obj, "context_index", None)
+    return inner if isinstance(inner, module.ContextIndex) else None
+
+
+class TextTreeCache:
+    """Context trees encoded once per (model, text): a small thread-safe LRU for applications that ask many
+    questions about the same few texts (a chat model with a bound document, a notebook).
+
+    Trees are encoded with ``precompute=True`` (every node of every chunk), so any later question about the
+    same text injects states without running the lower model again. ``size=0`` keeps nothing.
+
+    >>> cache = TextTreeCache(size=4)
+    >>> tree = cache.tree(llm, text)      # encodes
+    >>> tree is cache.tree(llm, text)     # a hit: the same tree
+    True
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        if size < 0:
+            raise ValueError(f"TextTreeCache size must be >= 0, got {size}")
+        self.size = size
+        # (id(model), sha256 of the text) -> (weak reference to the model, tree); the reference guards against a
+        # new model that reuses a collected one's id
+        self._trees: OrderedDict[tuple[int, str], tuple[weakref.ref, ContextTree]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.encoded = 0  # texts encoded (misses)
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._trees)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._trees.clear()
+
+    def tree(self, llm: SharedLLM, text: str) -> ContextTree:
+        """The encoded tree of ``text`` for ``llm`` (encoding it on a miss)."""
+        if not isinstance(text, str):
+            raise TypeError(f"TextTreeCache caches text contexts; got {type(text).__name__}")
+        key = (id(llm), hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+        with self._lock:
+            entry = self._trees.get(key)
+            if entry is not None and entry[0]() is llm:
+                self._trees.move_to_end(key)
+                self.hits += 1
+                return entry[1]
+        tree = llm.encode(text, precompute=True)  # outside the lock: encoding may take seconds
+        with self._lock:
+            self.encoded += 1
+            if self.size:
+                self._trees[key] = (weakref.ref(llm), tree)
+                while len(self._trees) > self.size:
+                    self._trees.popitem(last=False)
+        return tree
+
+    def context(self, llm: SharedLLM, context: Any) -> ContextTree | None:
+        """A `ContextTree` for ``context``: a tree as it is; text, a document or node, or a list of them encoded
+        (once per text, through this cache); None for None or empty text. Anything else is a TypeError."""
+        if context is None:
+            return None
+        from .tree import ContextTree
+
+        if isinstance(context, ContextTree):
+            return context
+        text = context_text(context)
+        if text is None:
+            raise TypeError(
+                f"cannot use a {type(context).__name__} as context: pass text, a document or node, a list of them, "
+                "a sharedctx.ContextTree (from `llm.encode(text)`) or a sharedctx ContextIndex"
+            )
+        return self.tree(llm, text) if text else None

@@ -1,0 +1,459 @@
+"""ContextIndex: many documents as a forest of chunk trees in a TreeStore; add, delete, retrieve, query.
+
+A document is cut into chunks by content-defined boundaries (`sharedctx.index.chunking`), every node of every chunk's
+tree is encoded once and kept in the store under the chunk's content address, and a query
+
+1. scores every chunk root of every document against the query key (cosine),
+2. keeps the best chunks within ``top_k`` and a budget of injected states,
+3. walks each kept tree under the model's policy (optionally expanding both children when their scores are
+   within ``expand_margin``),
+
+and then answers by injecting the preserved nodes' states (``latent``), by putting their text into the prompt
+(``text``, usable with any LLM through `retrieve`), or both (``hybrid``). Every injected state maps back to a
+`Citation`: document, chunk, node, character span, score and text.
+
+On disk, ``DIR/nodes`` is the size-limited `TreeStore` and ``DIR/docs`` the document table (token ids, offsets,
+text, chunk boundaries and root keys of each document, one checked safetensors blob per document, never evicted).
+Both are diskcache directories, so several processes may build into one index at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from ..concurrency import MicroBatcher
+from ..config import POLICIES
+from ..errors import InputError, StoreError
+from ..generation import SAMPLING_FIELDS, AnswerStats, SamplingOptions, Timings
+from ..injection import Injection
+from ..model import SharedLLM
+from .documents import (
+    DocumentNotFoundError,
+    DocumentTable,
+    _Doc,
+    _iter_files,
+    _looks_like_path,
+    read_document,
+)
+from .ingest import ChunkCounts, chunk_nodes, ingest_text
+from .results import AddResult, Answer, BuildReport, Citation, DocumentInfo
+from .retrieval import Forest, retrieve, text_prompt
+from .store import DEFAULT_SIZE_LIMIT, TreeStore
+
+__all__ = ["ContextIndex"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("latent", "text", "hybrid")
+_FORMAT = "sharedctx-index-1"
+
+
+@dataclass
+class _Prepared:
+    """Retrieval done for one question: what the model reads and what to report."""
+
+    mode: str
+    prompt: Any
+    injection: Injection | None
+    citations: list[Citation]
+    counts: ChunkCounts
+    dropped: int
+    t0: float
+    t_retrieved: float
+
+
+# ---------------------------------------------------------------------- the index
+class ContextIndex:
+    """Documents as a forest of chunk trees, encoded once into a `TreeStore`, queried many times.
+
+    Args:
+        llm: the `SharedLLM` that encodes and reads.
+        store: the index directory (created private); None makes a temporary one, removed with the index.
+        size_limit: bytes the node store may take before evicting least recently used chunks (evicted chunks
+            are encoded again when a query needs them).
+        top_k: chunks injected per query at most.
+        max_injected_states: budget of injected states per query (None: no budget beyond ``top_k``).
+        expand_margin: with the ``query`` (``lexical``) policy, expand both children when their cosine (BM25) scores differ by at
+            most this much (None: always one child, as the paper).
+        batch_chunks: chunks encoded per batch while building (memory is bounded by this, not the document).
+        min_fill: chunks close at a content-defined boundary once this fraction of ``chunk_size`` is filled.
+        max_batch_queries: `query` calls made at the same time from several threads share one batched forward
+            (prefill and decoding), at most this many per batch; 1 runs each call on its own.
+        batch_wait_s: how long a query arriving at an idle model waits for others to share its batch.
+        policy: how chunks are ranked and trees walked for a question (default: the model's ``config.policy``).
+            ``lexical`` ranks chunks and expands children by BM25 of their text for the question's words;
+            ``query`` by cosine of hidden-state keys (the paper's); ``right``/``left``/``random`` rank by keys and
+            walk blindly. `benchmarks/bench_selection.py` measures how often each puts the answer's chunk first.
+        encode: ``eager`` runs the lower model over every chunk as it is added (the paper's "encode once, query
+            many times"); ``lazy`` (with the ``lexical`` policy, which needs no keys) adds only the text and
+            encodes a chunk the first time a ``latent`` or ``hybrid`` query injects it, so building an index for
+            `retrieve` and ``text`` mode costs tokenising only. Chunks encoded later are stored like any other.
+    """
+
+    def __init__(
+        self,
+        llm: SharedLLM,
+        store: str | os.PathLike | None = None,
+        *,
+        size_limit: int = DEFAULT_SIZE_LIMIT,
+        top_k: int = 8,
+        max_injected_states: int | None = None,
+        expand_margin: float | None = None,
+        batch_chunks: int = 16,
+        min_fill: float = 0.75,
+        max_batch_queries: int = 8,
+        batch_wait_s: float = 0.002,
+        policy: str | None = None,
+        encode: str = "eager",
+    ) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if batch_chunks < 1:
+            raise ValueError(f"batch_chunks must be >= 1, got {batch_chunks}")
+        if max_batch_queries < 1:
+            raise ValueError(f"max_batch_queries must be >= 1, got {max_batch_queries}")
+        policy = llm.config.policy if policy is None else policy
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if expand_margin is not None and policy not in ("query", "lexical"):
+            raise ValueError(f"expand_margin needs the 'query' or 'lexical' policy, not {policy!r}")
+        self.policy = policy
+        if encode not in ("eager", "lazy"):
+            raise ValueError(f"encode must be 'eager' or 'lazy', got {encode!r}")
+        if encode == "lazy" and policy != "lexical":
+            raise ValueError(
+                f"encode='lazy' needs policy='lexical': the {policy!r} policy ranks chunks by keys that only encoding "
+                "makes; use encode='eager' with it"
+            )
+        self.encode = encode
+        if llm.tokenizer is None:
+            raise ValueError("a ContextIndex needs a SharedLLM with a tokenizer (documents are text)")
+        self.llm = llm
+        self._tmp = tempfile.TemporaryDirectory(prefix="sharedctx-index-") if store is None else None
+        self.directory = Path(self._tmp.name if self._tmp else store)
+        self.top_k = top_k
+        self.max_injected_states = max_injected_states
+        self.expand_margin = expand_margin
+        self.batch_chunks = batch_chunks
+        self.min_fill = min_fill
+        self.signature = llm.config.lower_signature()
+        self.fingerprint = llm.fingerprint
+        self.table = DocumentTable(self.directory)
+        os.chmod(self.directory, 0o700)
+        self.table.bind(self._manifest())
+        self.store = TreeStore(self.directory / "nodes", size_limit=size_limit, fingerprint=self.fingerprint, signature=self.signature)
+        self._lock = threading.RLock()
+        self._docs: dict[str, _Doc] = {}
+        self._forest: Forest | None = None
+        self.counters = {"chunks_encoded": 0, "chunks_cached": 0}
+        self.max_batch_queries = max_batch_queries
+        self._batcher = (
+            MicroBatcher(self._answer_batch, max_batch=max_batch_queries, max_wait_s=batch_wait_s, name="sharedctx-index-queries")
+            if max_batch_queries > 1
+            else None
+        )
+        self.refresh()
+
+    def _manifest(self) -> dict[str, Any]:
+        base = getattr(self.llm.base.config, "_name_or_path", "") or ""
+        return {"format": _FORMAT, "fingerprint": self.fingerprint, "signature": self.signature, "base": str(base)}
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, llm: SharedLLM, **options: Any) -> ContextIndex:
+        """Open an index built before; refuses one built by another base model or lower-side configuration."""
+        directory = Path(directory)
+        if not (directory / "docs").is_dir() or DocumentTable(directory).manifest() is None:
+            raise StoreError(f"{directory} holds no sharedctx index; build one with ContextIndex(llm, store={str(directory)!r})")
+        return cls(llm, directory, **options)
+
+    def persist(self, directory: str | os.PathLike | None = None) -> Path:
+        """Everything is written as it is added; with another ``directory``, copy the index there. Returns its path."""
+        if directory is None or Path(directory).resolve() == self.directory.resolve():
+            return self.directory
+        target = ContextIndex(self.llm, directory, size_limit=self.store.size_limit)
+        with self._lock:
+            docs = list(self._docs.values())
+        for doc in docs:
+            for key, c in zip(doc.chunk_keys, range(doc.n_chunks)):
+                if key not in target.store:
+                    if self.encode == "lazy" and key not in self.store:
+                        continue  # never needed yet: the copy encodes it when a query does
+                    nodes = chunk_nodes(self, doc, c, ChunkCounts())
+                    target.store.put_chunk(key, nodes, n_tokens=doc.chunk_ids(c).numel())
+            target.table.put(doc)
+        target.close()
+        return Path(directory)
+
+    def refresh(self) -> None:
+        """Re-read the document table (documents added or removed by other processes)."""
+        ids = set(self.table.ids())
+        with self._lock:
+            for doc_id in list(self._docs):
+                if doc_id not in ids:
+                    del self._docs[doc_id]
+            for doc_id in ids:
+                doc = self.table.get(doc_id)
+                if doc is None:
+                    logger.warning("index %s: the record of document %r is unreadable; skipping it", self.directory, doc_id)
+                    continue
+                old = self._docs.get(doc_id)
+                if old is None or old.chunk_keys != doc.chunk_keys or old.seq != doc.seq:
+                    self._docs[doc_id] = doc
+            self._forest = None
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+        self.store.close()
+        self.table.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> ContextIndex:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ documents
+    def documents(self) -> list[DocumentInfo]:
+        with self._lock:
+            docs = sorted(self._docs.values(), key=lambda d: (d.seq, d.doc_id))
+        return [d.info() for d in docs]
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self._docs
+
+    def delete(self, doc_id: str) -> None:
+        """Remove a document (its chunks stay in the store for other documents until evicted or `prune`d)."""
+        with self._lock:
+            if doc_id not in self._docs and self.table.get(doc_id) is None:
+                raise DocumentNotFoundError(f"no document {doc_id!r} in the index {self.directory}; see documents()")
+            self.table.delete(doc_id)
+            self._docs.pop(doc_id, None)
+            self._forest = None
+
+    def prune(self) -> int:
+        """Delete stored chunks no document refers to; returns how many."""
+        with self._lock:
+            live = {k for d in self._docs.values() for k in d.chunk_keys}
+        dead = [k for k in self.store.chunk_keys() if k not in live]
+        for k in dead:
+            self.store.delete(k)
+        return len(dead)
+
+    def add(
+        self,
+        text_or_path: str | os.PathLike,
+        doc_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> AddResult:
+        """Add (or replace) one document: a `Path`, a string naming an existing file, or the text itself.
+
+        Chunks already in the store are reused, never encoded again; re-adding an unchanged document writes nothing.
+        """
+        text, source = self._resolve(text_or_path)
+        if doc_id is None:
+            doc_id = source if source is not None else "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return ingest_text(self, str(doc_id), text, dict(metadata or {}), source)
+
+    def add_many(
+        self,
+        items: Iterable[str | os.PathLike],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        show_progress: bool = True,
+    ) -> BuildReport:
+        """Add files, directories (recursively; hidden entries skipped) and texts. Unreadable files (binary,
+        not UTF-8, empty) are skipped, logged and listed in the report's ``skipped``."""
+        from tqdm.auto import tqdm
+
+        report = BuildReport()
+        work: list[str | Path] = []
+        for item in items:
+            if isinstance(item, Path) or (isinstance(item, str) and _looks_like_path(item)):
+                work.extend(_iter_files(Path(item)))
+            else:
+                work.append(item)
+        with tqdm(total=len(work), unit="doc", desc="indexing", disable=not show_progress) as bar:
+            for item in work:
+                try:
+                    report.added.append(self.add(item, metadata=metadata))
+                except InputError as exc:
+                    logger.warning("skipping %s: %s", item, exc)
+                    report.skipped.append((str(item), str(exc)))
+                bar.update(1)
+                bar.set_postfix(encoded=report.chunks_encoded, reused=report.chunks_reused)
+        return report
+
+    def _resolve(self, item: str | os.PathLike) -> tuple[str, str | None]:
+        if isinstance(item, Path) or (isinstance(item, str) and _looks_like_path(item)):
+            return read_document(item), os.path.abspath(item)
+        if not isinstance(item, str):
+            raise InputError(f"add() takes text or a path, got {type(item).__name__}")
+        if not item.strip():
+            raise InputError("the document is empty (no text to index)")
+        return item, None
+
+    # ------------------------------------------------------------------ retrieval
+    def _forest_view(self) -> Forest:
+        with self._lock:
+            if self._forest is None:
+                self._forest = Forest.of(list(self._docs.values()), self.llm.base.config.hidden_size)
+            return self._forest
+
+    def _question_ids(self, question: str) -> torch.Tensor:
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        return self.llm.prompt_ids(question)[0].cpu()
+
+    def retrieve(self, question: str, *, top_k_chunks: int | None = None, max_injected_states: int | None = None) -> list[Citation]:
+        """The nodes a query selects, as citations with text, best score first (usable with any text LLM)."""
+        found = retrieve(self, self._question_ids(question), question, top_k_chunks, max_injected_states or self.max_injected_states)
+        self._count(found.counts)
+        return _by_score(found.citations(self.llm.config.node_keep, self.llm.config.sampling))
+
+    def _count(self, counts: ChunkCounts) -> None:
+        with self._lock:
+            self.counters["chunks_encoded"] += counts.chunks_encoded
+            self.counters["chunks_cached"] += counts.chunks_cached
+
+    # ------------------------------------------------------------------ answering
+    def _prepare(
+        self, question: str, mode: str, top_k_chunks: int | None, max_injected_states: int | None, max_new_tokens: int, prompt: Any
+    ) -> _Prepared:
+        """Retrieval for one question: selected nodes, citations, injected states and the prompt to read."""
+        if prompt is not None and mode != "latent":
+            raise ValueError(f"prompt= replaces what the model reads only in latent mode; {mode} mode builds its own prompt")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        t0 = time.perf_counter()
+        qids = self._question_ids(question)
+        found = retrieve(self, qids, question, top_k_chunks, max_injected_states or self.max_injected_states)
+        citations = found.citations(self.llm.config.node_keep, self.llm.config.sampling)
+        injection = None
+        if mode in ("latent", "hybrid") and len(found.selection):
+            injection = self.llm.assemble_injection([found.selection])
+        self._count(found.counts)
+        prompt = qids if prompt is None else prompt
+        dropped = 0
+        if mode in ("text", "hybrid"):
+            prompt, dropped = text_prompt(self.llm, question, citations, max_new_tokens)
+            if dropped:
+                logger.info("text mode: %d of %d passages do not fit the model's window and were left out", dropped, len(citations))
+        return _Prepared(mode, prompt, injection, citations, found.counts, dropped, t0, time.perf_counter())
+
+    @staticmethod
+    def _answer(prep: _Prepared, text: str, inner: AnswerStats, token_ids: list[int], timings: Timings, end: float, first_token_s: float) -> Answer:
+        """The answer to a prepared question: the model's statistics with what retrieval did, timed from the question."""
+        stats = AnswerStats(
+            prompt_tokens=inner.prompt_tokens,
+            generated_tokens=inner.generated_tokens,
+            injected_states=0 if prep.injection is None else prep.injection.n_states,
+            injected_nodes=inner.injected_nodes,
+            batch_size=inner.batch_size,
+            mode=prep.mode,
+            documents=len({c.doc_id for c in prep.citations}),
+            chunks_selected=len({(c.doc_id, c.chunk) for c in prep.citations}),
+            chunks_encoded=prep.counts.chunks_encoded,
+            chunks_cached=prep.counts.chunks_cached,
+            text_passages_dropped=prep.dropped,
+        )
+        timings = Timings(**{**timings.to_dict(), "retrieve_s": prep.t_retrieved - prep.t0, "first_token_s": first_token_s, "total_s": end - prep.t0})
+        return Answer(text=text, citations=_by_score(prep.citations), stats=stats, timings=timings, token_ids=list(token_ids))
+
+    def stream(
+        self,
+        question: str,
+        *,
+        mode: str = "latent",
+        top_k_chunks: int | None = None,
+        max_injected_states: int | None = None,
+        max_new_tokens: int = 256,
+        stats: dict[str, Any] | None = None,
+        prompt: str | Sequence[int] | None = None,
+        **generation: Any,
+    ) -> Iterator[str]:
+        """Yield the answer as it is decoded; ``stats`` receives citations, statistics and timings at the end.
+
+        ``mode``: ``latent`` injects the selected states; ``text`` puts the selected spans into the prompt as text;
+        ``hybrid`` does both. ``top_k_chunks`` overrides the index's ``top_k`` (chunks injected) for this call.
+        Other options (``temperature``, ``top_k`` and ``top_p`` of sampling, ``stop``, ``seed``, ...) go to
+        `SharedLLM.stream`. ``prompt`` (latent mode only): what the model reads instead of the bare question, e.g.
+        the token ids of a whole conversation in the chat template; nodes are still selected for ``question``.
+        A streamed answer runs its own forward; concurrent `query` calls share batched ones.
+        """
+        answers: list[Answer] = []
+        yield from self._stream(question, mode, top_k_chunks, max_injected_states, max_new_tokens, prompt, generation, answers)
+        if stats is not None:
+            answer = answers[0]
+            stats.update({**answer.stats.to_dict(), "token_ids": answer.token_ids, "timings": answer.timings.to_dict(), "citations": answer.citations})
+
+    def _stream(self, question, mode, top_k_chunks, max_injected_states, max_new_tokens, prompt, generation, answers: list[Answer]) -> Iterator[str]:
+        """`stream`, appending the finished `Answer` to ``answers``."""
+        prep = self._prepare(question, mode, top_k_chunks, max_injected_states, max_new_tokens, prompt)
+        generation = dict(generation)
+        options = SamplingOptions(max_new_tokens=max_new_tokens, **{k: generation.pop(k) for k in list(generation) if k in SAMPLING_FIELDS})
+        run = self.llm.stream_completion(prep.prompt, injection=prep.injection, options=options, **generation)
+        yield from run
+        done = run.completion
+        assert done is not None
+        # the model's clock starts after retrieval: time to first token counts from the question
+        first = (prep.t_retrieved - prep.t0) + done.timings.first_token_s
+        answers.append(self._answer(prep, done.text, done.stats, done.token_ids, done.timings, time.perf_counter(), first))
+
+    def query(self, question: str, *, mode: str = "latent", **options: Any) -> Answer:
+        """Answer ``question`` from the indexed documents (see `stream` for ``mode`` and options).
+
+        Safe to call from many threads: retrieval runs in the caller's thread, and calls that arrive together
+        are answered in one batched forward (``max_batch_queries``), each with the answer it would get alone.
+        """
+        if self._batcher is None:
+            answers: list[Answer] = []
+            top_k_chunks, max_states = options.pop("top_k_chunks", None), options.pop("max_injected_states", None)
+            max_new_tokens, prompt = options.pop("max_new_tokens", 256), options.pop("prompt", None)
+            for _ in self._stream(question, mode, top_k_chunks, max_states, max_new_tokens, prompt, options, answers):
+                pass
+            return answers[0]
+        known = {"top_k_chunks", "max_injected_states", "prompt", "chat", "system"} | SAMPLING_FIELDS
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown query options {unknown}; known: {sorted(known)}")
+        max_new_tokens = options.get("max_new_tokens", 256)
+        sampling = {k: options[k] for k in SAMPLING_FIELDS if k in options}
+        sampling["max_new_tokens"] = max_new_tokens
+        SamplingOptions(**sampling)  # invalid options fail here, in the caller, not in a shared batch
+        prep = self._prepare(question, mode, options.get("top_k_chunks"), options.get("max_injected_states"), max_new_tokens, options.get("prompt"))
+        ids = self.llm.prompt_ids(prep.prompt, chat=options.get("chat", True), system=options.get("system"))
+        self.llm.check_length(ids.shape[1] + max_new_tokens)
+        done = self._batcher.submit((ids, prep.injection, sampling))
+        end = time.perf_counter()
+        # the batch's clock starts when it runs: count from the question, including the wait for the batch
+        first = (end - prep.t0) - (done.timings.total_s - done.timings.first_token_s)
+        return self._answer(prep, done.text, done.stats, done.token_ids, done.timings, end, first)
+
+    def _answer_batch(self, items: list[tuple[torch.Tensor, Any, dict[str, Any]]]):
+        return self.llm.complete_batch([ids for ids, _, _ in items], injections=[inj for _, inj, _ in items], options=[o for _, _, o in items])
+
+    @property
+    def batch_stats(self) -> dict[str, int]:
+        """Batched answering so far: ``batches``, ``items`` (queries) and the ``largest`` batch."""
+        return dict(self._batcher.stats) if self._batcher is not None else {"batches": 0, "items": 0, "largest": 0}
+
+
+def _by_score(citations: list[Citation]) -> list[Citation]:
+    return sorted(citations, key=lambda x: (-x.score, x.doc_id, x.token_start))
+

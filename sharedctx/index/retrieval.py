@@ -1,0 +1,177 @@
+"""Retrieval over an index's forest of chunk trees: rank chunks, walk the kept trees, cite what was kept.
+
+For a question, the chunks of every document are ranked (BM25 of their text under the ``lexical`` policy, else
+cosine of their root keys with the query key), the best are kept within ``top_k`` and a budget of injected
+states, and their trees are walked by `sharedctx.policy.walk_trees` with the policy's scorer, exactly as
+`SharedLLM.select` walks one document. Node states are read from the store only when injected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import InputError
+from ..ops.sampling import sample_indices
+from ..ops.scoring import BM25, cosine_scores
+from ..policy import (
+    Scorer,
+    SelectedNode,
+    Selection,
+    chunk_state_budget,
+    make_chooser,
+    make_scorer,
+    rank_chunks,
+    walk_trees,
+)
+from .documents import _Doc
+from .ingest import ChunkCounts, chunk_nodes
+from .results import Citation
+
+if TYPE_CHECKING:
+    from ..model import SharedLLM
+    from .facade import ContextIndex
+
+__all__ = ["Forest", "Retrieved", "retrieve", "text_prompt", "TEXT_PROMPT"]
+
+TEXT_PROMPT = "Answer the question using the context passages.\n\n{passages}\n\nQuestion: {question}"
+
+
+@dataclass
+class Forest:
+    """Every chunk of every document in document order, their root keys, and (made on first use) BM25
+    statistics over their text. Rebuilt when documents change."""
+
+    entries: list[tuple[_Doc, int]]
+    root_keys: torch.Tensor  # (n_chunks, hidden)
+    _lexicon: BM25 | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, docs: list[_Doc], hidden: int) -> Forest:
+        docs = sorted(docs, key=lambda d: (d.seq, d.doc_id))
+        entries = [(d, c) for d in docs for c in range(d.n_chunks)]
+        keys = torch.cat([d.root_keys for d in docs]) if docs else torch.zeros(0, hidden)
+        return cls(entries, keys)
+
+    def lexicon(self) -> BM25:
+        if self._lexicon is None:
+            self._lexicon = BM25([span_text(d, int(d.bounds[c]), int(d.bounds[c + 1])) for d, c in self.entries])
+        return self._lexicon
+
+
+@dataclass
+class Retrieved:
+    """What retrieval chose for one question: the walked nodes (``node.chunk`` numbers the kept chunks in
+    document order), the document chunk and chunk score behind each kept chunk, and the policy's scorer."""
+
+    selection: Selection
+    owners: list[tuple[_Doc, int, float]]  # by node.chunk: (document, chunk within it, chunk score)
+    scorer: Scorer
+    counts: ChunkCounts
+
+    def citations(self, keep: int, sampling: str) -> list[Citation]:
+        """One citation per selected node, in walk order (no state is loaded to make them)."""
+        nodes = list(self.selection)
+        if not nodes:
+            return []
+        scores = self.scorer([n.node_id for n in nodes], [n.span for n in nodes]).tolist()
+        out = []
+        for node, score in zip(nodes, scores):
+            doc, c, chunk_score = self.owners[node.chunk]
+            t0, t1 = int(doc.bounds[c]) + node.start, int(doc.bounds[c]) + node.end
+            a, b = char_span(doc, t0, t1)
+            n_states = len(sample_indices(node.end - node.start, keep, sampling))  # what injecting the node reads
+            out.append(Citation(doc.doc_id, c, node.level, node.index, a, b, t0, t1, float(score), chunk_score, n_states, doc.text[a:b], dict(doc.metadata)))
+        return out
+
+
+def retrieve(index: ContextIndex, prompt_ids: torch.Tensor, question: str, top_k: int | None, max_states: int | None) -> Retrieved:
+    """Rank the forest's chunks for ``question``, keep the best, walk their trees (see the module's docstring)."""
+    forest = index._forest_view()
+    entries, root_keys = forest.entries, forest.root_keys
+    if not entries:
+        raise InputError(f"the index {index.directory} holds no documents; add some first")
+    llm, policy = index.llm, index.policy
+    cfg = llm.config
+    counts = ChunkCounts()
+    loaded: dict[int, Any] = {}
+    kept: list[int] = []
+
+    def load(rank: int, node: tuple[int, int]):
+        """A zero-argument loader of a kept node's states: the store is read (or the chunk encoded) on the first
+        call only, so retrieval under the lexical policy never touches states it does not inject."""
+
+        def states():
+            if rank not in loaded:
+                loaded[rank] = chunk_nodes(index, *entries[kept[rank]], counts)
+            return loaded[rank][node]
+
+        return states
+
+    def text_of(node_id, span) -> str:
+        doc, c = entries[kept[node_id[0]]]
+        return span_text(doc, int(doc.bounds[c]) + span[0], int(doc.bounds[c]) + span[1])
+
+    if policy == "lexical":
+        lexicon = forest.lexicon()
+        chunk_scores = lexicon.scores(question)
+        scorer = make_scorer("lexical", query_text=question, lexicon=lexicon, text_of=text_of)
+    else:
+        if bool(torch.isnan(root_keys).any()):
+            raise InputError(
+                f"documents of the index {index.directory} were added with encode='lazy' and have no keys for the "
+                f"{policy!r} policy: query it with policy='lexical', or add them again to an eager index"
+            )
+        qkey = llm.query_keys(prompt_ids.reshape(1, -1).to(llm.device), [prompt_ids.numel()])[0].cpu()
+        chunk_scores = cosine_scores(qkey, root_keys)
+
+        def keys_of(node_ids, spans):
+            return torch.stack([load(n[0], (n[1], n[2]))().key for n in node_ids])
+
+        scorer = make_scorer("query", query_key=qkey, keys_of=keys_of)  # blind policies still cite by keys
+    budgets = [
+        chunk_state_budget(int(d.bounds[c + 1] - d.bounds[c]), keep=cfg.node_keep, height=cfg.tree_height, expand_margin=index.expand_margin)
+        for d, c in entries
+    ]
+    kept += sorted(rank_chunks(scores=chunk_scores, top_k=top_k or index.top_k, states_per_chunk=budgets, max_states=max_states))
+    spans = {rank: (0, int(entries[g][0].chunk_ids(entries[g][1]).numel())) for rank, g in enumerate(kept)}
+    chooser = make_chooser(policy, scorer=scorer, generator=torch.Generator().manual_seed(cfg.seed), expand_margin=index.expand_margin)
+    walked = walk_trees(spans, cfg.tree_height, chooser)
+    selection = Selection(
+        [SelectedNode(n.chunk, n.level, n.index, n.start, n.end, loader=load(n.chunk, (n.level, n.index))) for n in walked]
+    )
+    owners = [(*entries[g], float(chunk_scores[g])) for g in kept]
+    return Retrieved(selection, owners, scorer, counts)
+
+
+def text_prompt(llm: SharedLLM, question: str, citations: list[Citation], max_new_tokens: int) -> tuple[str, int]:
+    """The question with the cited spans as numbered passages: best first, as many as fit the model's window.
+
+    Returns the prompt and how many passages did not fit (reported in the answer's stats, never silently dropped)."""
+    window = llm.max_positions or 1 << 30
+
+    def render(cites: list[Citation]) -> str:
+        cites = sorted(cites, key=lambda x: (x.doc_id, x.token_start))
+        passages = "\n\n".join(f"[{i + 1}] ({c.doc_id}) {c.text.strip()}" for i, c in enumerate(cites))
+        return TEXT_PROMPT.format(passages=passages, question=question)
+
+    chosen: list[Citation] = []
+    for cite in sorted(citations, key=lambda x: -x.score):
+        if llm.prompt_ids(render(chosen + [cite])).shape[1] + max_new_tokens <= window:
+            chosen.append(cite)
+    return render(chosen), len(citations) - len(chosen)
+
+
+def char_span(doc: _Doc, t0: int, t1: int) -> tuple[int, int]:
+    """Character span of a document's tokens ``[t0, t1)`` (empty when ``t1 <= t0``)."""
+    if t1 <= t0:
+        return 0, 0
+    return int(doc.offsets[t0, 0]), int(doc.offsets[t1 - 1, 1])
+
+
+def span_text(doc: _Doc, t0: int, t1: int) -> str:
+    """Text of a document's tokens ``[t0, t1)``."""
+    a, b = char_span(doc, t0, t1)
+    return doc.text[a:b]
