@@ -48,8 +48,13 @@ _LAZY = {
 if TYPE_CHECKING:
     from .config import SharedCtxConfig
     from .contexts import TextTreeCache
-    from .errors import AdapterMismatchError, ContextMismatchError, InputError, PromptTooLongError  # noqa: F401
-    from .errors import SharedCtxError
+    from .errors import (  # noqa: F401
+        AdapterMismatchError,
+        ContextMismatchError,
+        InputError,
+        PromptTooLongError,
+        SharedCtxError,
+    )
     from .generation import Completion
     from .index import Answer, Citation, ContextIndex
     from .index.store import TreeStore

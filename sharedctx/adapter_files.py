@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -16,8 +16,8 @@ from .base_model import DEFAULT_MODEL_NAME
 from .config import ADAPTER_FIELDS, LOWER_FIELDS, SharedCtxConfig
 from .errors import AdapterMismatchError
 
-if TYPE_CHECKING:
-    from .model import SharedLLM
+#: a `sharedctx.SharedLLM` (not imported here: model.py imports this module)
+SharedLLM = Any
 
 __all__ = [
     "ADAPTER_CONFIG",

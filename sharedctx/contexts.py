@@ -13,9 +13,11 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .index import ContextIndex
-    from .model import SharedLLM
     from .tree import ContextTree
+
+#: a `sharedctx.SharedLLM` / `sharedctx.ContextIndex` (not imported here: both import this module)
+SharedLLM = Any
+ContextIndex = Any
 
 __all__ = ["TextTreeCache", "tree_for", "check_tree", "context_text", "message_text", "find_index"]
 

@@ -11,20 +11,21 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from .injection import Injection
 
-if TYPE_CHECKING:
-    from .model import SharedLLM
+#: a `sharedctx.SharedLLM` (not imported here: model.py imports this module)
+SharedLLM = Any
 
 __all__ = [
     "SamplingOptions",
     "SAMPLING_FIELDS",
     "sample_next",
     "StopMatcher",
+    "banned_tokens",
     "RowDecoder",
     "AnswerStats",
     "Timings",
@@ -40,7 +41,16 @@ __all__ = [
 
 @dataclass
 class SamplingOptions:
-    """How the next token is drawn: greedy when ``temperature == 0``."""
+    """How the next token is drawn: greedy when ``temperature == 0``.
+
+    Two guards against a small model looping (both off at 0):
+
+    - ``no_repeat_ngram_size = n`` never draws a token that would repeat an ``n``-gram the answer already holds
+      (the answer's own tokens, not the prompt's, so quoting the question or the context stays possible);
+    - ``stop_on_repeat = n`` ends the answer when its last ``n`` tokens repeat ``n`` tokens it already holds, and
+      drops that repeat: the answer keeps what came before it. The text of the latest ``n - 1`` tokens is held
+      back while streaming, so nothing dropped was ever released.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -48,6 +58,8 @@ class SamplingOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    no_repeat_ngram_size: int = 0
+    stop_on_repeat: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -62,6 +74,10 @@ class SamplingOptions:
             self.stop = (self.stop,)
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        for name in ("no_repeat_ngram_size", "stop_on_repeat"):
+            n = getattr(self, name)
+            if n < 0 or n == 1:
+                raise ValueError(f"{name} must be 0 (off) or an n-gram length >= 2, got {n}")
 
 
 #: the options a generation call takes for sampling (the fields of `SamplingOptions`)
@@ -121,12 +137,29 @@ class StopMatcher:
         return best
 
 
+def banned_tokens(generated: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an ``n``-gram already in ``generated`` (its last ``n - 1`` tokens as prefix)."""
+    if n < 1 or len(generated) < n - 1:
+        return []
+    prefix = tuple(generated[len(generated) - (n - 1) :])
+    return sorted({generated[i + n - 1] for i in range(len(generated) - n + 1) if tuple(generated[i : i + n - 1]) == prefix})
+
+
+def _repeats_tail(generated: Sequence[int], n: int) -> bool:
+    """Whether the last ``n`` tokens of ``generated`` occur earlier in it (possibly overlapping the tail)."""
+    if len(generated) <= n:
+        return False
+    tail = list(generated[-n:])
+    return any(list(generated[i : i + n]) == tail for i in range(len(generated) - n))
+
+
 class RowDecoder:
     """One answer's decoding state: sampling, end of sequence, ``max_new_tokens``, stop strings and the text
     released so far. `SharedLLM.stream` drives one; `SharedLLM.complete_batch` one per batch row.
 
     ``push(logits (1, V))`` samples the next token and returns the text it releases (held back while it may begin
-    a stop string); `done` tells when the answer has ended. ``finish()`` returns the text still held back.
+    a stop string, and for the latest ``stop_on_repeat - 1`` tokens); `done` tells when the answer has ended
+    (`repeated` when the repeat guard ended it). ``finish()`` returns the text still held back.
     """
 
     def __init__(self, opts: SamplingOptions, eos_ids: set[int], tokenizer: Any, generator: torch.Generator | None) -> None:
@@ -134,9 +167,15 @@ class RowDecoder:
         self.matcher = StopMatcher(opts.stop)
         self.generated: list[int] = []
         self.done = opts.max_new_tokens == 0
+        self.repeated = False
         self.first_token_at: float | None = None
 
     def push(self, logits: torch.Tensor) -> str:
+        n_ban = self.opts.no_repeat_ngram_size
+        banned = banned_tokens(self.generated, n_ban) if n_ban else []
+        if banned:
+            logits = logits.clone()
+            logits[..., banned] = float("-inf")
         tid = int(sample_next(logits, self.opts, self.generator)[0])
         if tid in self.eos_ids:
             self.done = True
@@ -144,9 +183,15 @@ class RowDecoder:
         self.generated.append(tid)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        n_rep = self.opts.stop_on_repeat
+        if n_rep and _repeats_tail(self.generated, n_rep):
+            del self.generated[-n_rep:]  # the repeat is dropped; finish() releases what came before it
+            self.done = self.repeated = True
+            return ""
         delta = ""
         if self.tokenizer is not None:
-            delta = self.matcher.feed(self.tokenizer.decode(self.generated, skip_special_tokens=True))
+            shown = self.generated[: len(self.generated) - (n_rep - 1)] if n_rep else self.generated
+            delta = self.matcher.feed(self.tokenizer.decode(shown, skip_special_tokens=True))
         self.done = self.matcher.stopped or len(self.generated) >= self.opts.max_new_tokens
         return delta
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -20,8 +20,8 @@ from .chunking import chunk_text
 from .documents import _Doc
 from .results import AddResult
 
-if TYPE_CHECKING:
-    from .facade import ContextIndex
+#: a `ContextIndex` (not imported here: facade.py imports this module)
+ContextIndex = Any
 
 __all__ = ["ChunkCounts", "ingest_text", "chunk_nodes"]
 

@@ -9,11 +9,12 @@ states, and their trees are walked by `sharedctx.policy.walk_trees` with the pol
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import InputError
+from ..model import SharedLLM
 from ..ops.sampling import sample_indices
 from ..ops.scoring import BM25, cosine_scores
 from ..policy import (
@@ -30,9 +31,8 @@ from .documents import _Doc
 from .ingest import ChunkCounts, chunk_nodes
 from .results import Citation
 
-if TYPE_CHECKING:
-    from ..model import SharedLLM
-    from .facade import ContextIndex
+#: a `ContextIndex` (not imported here: facade.py imports this module)
+ContextIndex = Any
 
 __all__ = ["Forest", "Retrieved", "retrieve", "text_prompt", "TEXT_PROMPT"]
 
