@@ -407,6 +407,8 @@ class SharedLLM(nn.Module):
         top_p: float = 1.0,
         stop: Sequence[str] | str = (),
         seed: int | None = None,
+        no_repeat_ngram_size: int = 0,
+        stop_on_repeat: int = 0,
         chat: bool = True,
         system: str | None = None,
         stats: dict[str, Any] | None = None,
@@ -414,8 +416,12 @@ class SharedLLM(nn.Module):
     ) -> Iterator[str]:
         """Yield the answer's text as it is decoded. Injected states are built once from the prompt, or given
         ready as ``injection`` (e.g. by `ContextIndex`; then ``context`` must be None). ``stats``, when given, receives
-        `Completion.report()` at the end (statistics, ``token_ids``, ``timings``)."""
-        options = SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed, stop)
+        `Completion.report()` at the end (statistics, ``token_ids``, ``timings``). ``no_repeat_ngram_size`` and
+        ``stop_on_repeat`` guard against loops (see `SamplingOptions`)."""
+        options = SamplingOptions(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+            no_repeat_ngram_size=no_repeat_ngram_size, stop_on_repeat=stop_on_repeat,
+        )
         run = self.stream_completion(prompt, context=context, injection=injection, options=options, chat=chat, system=system)
         yield from run
         if stats is not None and run.completion is not None:

@@ -133,3 +133,75 @@ def test_row_decoder_ends_at_eos_max_tokens_and_stop_strings():
     assert RowDecoder(SamplingOptions(max_new_tokens=0), {2}, tok, None).done
     untokenized = RowDecoder(SamplingOptions(max_new_tokens=3, stop=["a"]), {2}, None, None)
     assert untokenized.push(logits_for(ids[0])) == "" and not untokenized.done and untokenized.finish() == ""
+
+
+# ---------------------------------------------------------------------- repetition guards
+def _ngrams(ids: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+
+
+def test_stop_on_repeat_ends_a_looping_answer_and_drops_the_repeat():
+    llm = make_llm(gates=1.0)  # this tiny random model loops under greedy decoding (e.g. 196 74 16 196 74 16 ...)
+    kw = dict(context="some context text " * 5, max_new_tokens=60)
+    loose = llm.complete("hello", **kw)
+    assert len(_ngrams(loose.token_ids, 4)) > len(set(_ngrams(loose.token_ids, 4)))  # the unguarded answer repeats
+    guarded = llm.complete("hello", stop_on_repeat=4, **kw)
+    kept = guarded.token_ids
+    assert 0 < len(kept) < len(loose.token_ids) and loose.token_ids[: len(kept)] == kept  # the same answer, cut short
+    assert len(_ngrams(kept, 4)) == len(set(_ngrams(kept, 4)))  # what is kept never repeats a 4-gram
+    # it ended exactly where the unguarded answer first repeated a 4-gram: the repeat itself is dropped
+    dropped = tuple(loose.token_ids[len(kept) : len(kept) + 4])
+    assert dropped in _ngrams(loose.token_ids[: len(kept) + 3], 4)  # it had begun earlier (overlapping at most)
+    assert guarded.text == llm.tokenizer.decode(kept, skip_special_tokens=True)
+    assert "".join(llm.stream("hello", stop_on_repeat=4, **kw)) == guarded.text  # nothing dropped was streamed
+
+
+def test_no_repeat_ngram_size_bans_repeated_ngrams():
+    llm = make_llm(gates=1.0)
+    kw = dict(context="some context text " * 5, max_new_tokens=60)
+    ids = llm.complete("abc", no_repeat_ngram_size=3, **kw).token_ids
+    assert len(ids) > 10 and len(_ngrams(ids, 3)) == len(set(_ngrams(ids, 3)))
+    assert llm.complete("abc", **kw).token_ids != ids
+
+
+def test_repetition_guards_are_off_by_default_and_equal_in_batch():
+    llm = make_llm(gates=1.0)
+    context = llm.encode(random_ids(90, seed=1))
+    prompts = ["hello", "tell me", "abc"]
+    default = [llm.complete(p, context=context, max_new_tokens=40).token_ids for p in prompts]
+    off = [llm.complete(p, context=context, max_new_tokens=40, stop_on_repeat=0, no_repeat_ngram_size=0).token_ids for p in prompts]
+    assert default == off
+    injections = [llm.prepare_injection(context, llm.prompt_ids(p)) for p in prompts]
+    for opts in ({"stop_on_repeat": 4}, {"no_repeat_ngram_size": 3}):
+        single = [llm.complete(p, context=context, max_new_tokens=40, **opts) for p in prompts]
+        batch = llm.complete_batch(prompts, injections=injections, options={"max_new_tokens": 40, **opts})
+        assert [c.token_ids for c in batch] == [c.token_ids for c in single]
+        assert [c.text for c in batch] == [c.text for c in single]
+
+
+def test_row_decoder_repeat_guards_with_rigged_logits():
+    from conftest import byte_tokenizer
+    from sharedctx.generation import RowDecoder, banned_tokens
+
+    tok = byte_tokenizer()
+    ids = tok("xabab", add_special_tokens=False)["input_ids"]
+
+    def logits_for(tid: int) -> torch.Tensor:
+        out = torch.full((1, 300), -1e9)
+        out[0, tid] = 0.0
+        return out
+
+    row = RowDecoder(SamplingOptions(max_new_tokens=20, stop_on_repeat=2), {2}, tok, None)
+    released = "".join(row.push(logits_for(t)) for t in ids[:4])  # "xaba": the last token's text is held back
+    assert released == "xab" and not row.done
+    assert row.push(logits_for(ids[4])) == "" and row.done and row.repeated  # "ab" again: stop, drop it
+    assert row.generated == ids[:3] and row.finish() == ""  # "xab" was released already; nothing more
+    assert banned_tokens([1, 2, 3, 1, 2], 3) == [3] and banned_tokens([1, 2], 3) == [] and banned_tokens([5, 5], 2) == [5]
+    row = RowDecoder(SamplingOptions(max_new_tokens=20, no_repeat_ngram_size=2), {2}, tok, None)
+    rigged = torch.full((1, 300), -1e9)
+    rigged[0, ids[1]], rigged[0, ids[2]] = 1.0, 0.5  # "a" always preferred, "b" second
+    assert "".join(row.push(rigged) for _ in range(3)) == "aab"  # "aa" may not come twice: "b" instead
+    for name in ("stop_on_repeat", "no_repeat_ngram_size"):
+        for bad in (-1, 1):
+            with pytest.raises(ValueError, match=name):
+                SamplingOptions(**{name: bad})
