@@ -94,6 +94,28 @@ def test_checkpoint_resume_is_exact(tmp_path, shards):
     assert log_a[2:] == log_b
 
 
+def test_checkpoint_is_safetensors_and_json_and_a_planted_pickle_is_refused(tmp_path, shards):
+    import pickle
+
+    trainer = Trainer(_config(tmp_path / "c", steps=4), llm=make_llm(**SMALL), shards=shards)
+    trainer.train_step()
+    path = trainer.save_checkpoint()
+    assert sorted(p.name for p in path.iterdir()) == ["state.json", "tensors.safetensors"]
+    # a pickle planted where the old format lived is refused, not loaded (unpickling would run its code)
+    ran = tmp_path / "ran"
+    (trainer.out / "checkpoint.pt").write_bytes(pickle.dumps(ran))  # loading it would not even be needed to fail
+    fresh = Trainer(_config(tmp_path / "c", steps=4), llm=make_llm(**SMALL), shards=shards)
+    with pytest.raises(ValueError, match="pickled checkpoint"):
+        fresh.resume()
+    (trainer.out / "checkpoint.pt").unlink()
+    # and one planted inside the checkpoint folder too
+    (path / "extra.pt").write_bytes(pickle.dumps(ran))
+    with pytest.raises(ValueError, match="unexpected files"):
+        fresh.resume()
+    (path / "extra.pt").unlink()
+    assert fresh.resume() and fresh.step == 1
+
+
 def test_init_adapter_starts_from_saved_weights(tmp_path, shards):
     first = Trainer(_config(tmp_path / "a", steps=2), llm=make_llm(**SMALL), shards=shards)
     first.fit()
@@ -165,7 +187,7 @@ def test_cli_train_writes_an_adapter(tmp_path):
     recipe = {"model": str(model_dir), "out_dir": "run", "data": "shards", "sources": ["corpus"], "holdout": ["b.txt"], "sharedctx": SMALL, "context_chunks": [1, 1], "window": 32, "steps": 2, "warmup": 1}
     (tmp_path / "r.json").write_text(json.dumps(recipe))
     assert main(["train", "--config", str(tmp_path / "r.json"), "--no-progress"]) == 0
-    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file() and (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file() and (tmp_path / "run" / "checkpoint" / "tensors.safetensors").is_file()
     # resuming a finished run does no more steps
     assert main(["train", "--config", str(tmp_path / "r.json"), "--no-progress"]) == 0
     assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 2

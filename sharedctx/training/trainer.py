@@ -40,7 +40,8 @@ __all__ = ["TrainConfig", "Trainer", "load_recipe", "collate", "lr_factor", "sum
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint"  # a folder: tensors.safetensors + state.json (no pickle anywhere)
+_LEGACY_CHECKPOINT = "checkpoint.pt"  # the old pickled format: refused, never loaded
 LOG = "train_log.jsonl"
 
 
@@ -394,18 +395,52 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> Path:
+        """Write ``out_dir/checkpoint/``: tensors (trainable parameters, optimizer moments, RNG states) in one
+        safetensors file and the rest (step, schedule position, NumPy RNG, optimizer hyper-parameters, the training
+        config) in JSON. Written to a temporary folder and swapped in, so a crash never leaves half a checkpoint."""
+        from safetensors.torch import save_file
+
         path = self.out / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        if tmp.exists():
+            _remove_tree(tmp)
+        tmp.mkdir(parents=True)
+        tensors, meta = _flatten_state(self.state_dict())
+        save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "sharedctx-checkpoint-1"})
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        old = self.out / (CHECKPOINT + ".old")
+        if path.exists():
+            if old.exists():
+                _remove_tree(old)
+            os.replace(path, old)
         os.replace(tmp, path)
+        if old.exists():
+            _remove_tree(old)
         return path
 
     def resume(self) -> bool:
-        """Load ``out_dir/checkpoint.pt`` if present; True when resumed."""
+        """Load ``out_dir/checkpoint/`` if present; True when resumed. A pickled checkpoint (the old
+        ``checkpoint.pt``, or any file a checkpoint folder should not hold) is refused: unpickling runs code."""
+        from safetensors.torch import load_file
+
+        legacy = self.out / _LEGACY_CHECKPOINT
+        if legacy.exists():
+            raise ValueError(
+                f"{legacy} is a pickled checkpoint; sharedctx never unpickles (loading a pickle runs whatever code it holds). "
+                f"Delete it and start again, or move it away; checkpoints are now the folder {self.out / CHECKPOINT} (safetensors + JSON)"
+            )
         path = self.out / CHECKPOINT
-        if not path.is_file():
+        if not path.is_dir():
             return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        unexpected = sorted(p.name for p in path.iterdir() if p.name not in ("tensors.safetensors", "state.json"))
+        if unexpected:
+            raise ValueError(f"the checkpoint {path} holds unexpected files {unexpected}; refusing to load it (only tensors.safetensors and state.json belong there)")
+        try:
+            tensors = load_file(str(path / "tensors.safetensors"))
+            meta = json.loads((path / "state.json").read_text())
+        except Exception as exc:
+            raise ValueError(f"the checkpoint {path} is damaged ({exc}); delete it to start again") from exc
+        self.load_state_dict(_unflatten_state(tensors, meta))
         logger.warning("resumed from %s at step %d", path, self.step)
         return True
 
@@ -458,3 +493,63 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "device": str(self.device),
         }
+
+
+# ---------------------------------------------------------------------- checkpoint files
+def _flatten_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a trainer state into named tensors and JSON: parameters ``param/<name>``, optimizer moments
+    ``opt/<index>/<key>``, RNG states ``rng/torch`` and ``rng/gen``."""
+    tensors: dict[str, torch.Tensor] = {f"param/{n}": t.contiguous() for n, t in state["params"].items()}
+    opt_scalars: dict[str, dict[str, Any]] = {}
+    for idx, slots in state["optimizer"]["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt/{idx}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                opt_scalars.setdefault(str(idx), {})[key] = value
+    tensors["rng/torch"] = state["torch_rng"].contiguous()
+    tensors["rng/gen"] = state["gen"].contiguous()
+    meta = {
+        "format": "sharedctx-checkpoint-1",
+        "step": state["step"],
+        "tokens": state["tokens"],
+        "elapsed": state["elapsed"],
+        "rng": state["rng"],
+        "config": state["config"],
+        "param_groups": state["optimizer"]["param_groups"],
+        "optimizer_scalars": opt_scalars,
+    }
+    return tensors, meta
+
+
+def _unflatten_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    if meta.get("format") != "sharedctx-checkpoint-1":
+        raise ValueError(f"unknown checkpoint format {meta.get('format')!r}")
+    opt_state: dict[int, dict[str, Any]] = {}
+    params: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        kind, _, rest = name.partition("/")
+        if kind == "param":
+            params[rest] = t
+        elif kind == "opt":
+            idx, _, key = rest.partition("/")
+            opt_state.setdefault(int(idx), {})[key] = t
+    for idx, scalars in meta.get("optimizer_scalars", {}).items():
+        opt_state.setdefault(int(idx), {}).update(scalars)
+    return {
+        "params": params,
+        "optimizer": {"state": opt_state, "param_groups": meta["param_groups"]},
+        "step": meta["step"],
+        "tokens": meta["tokens"],
+        "elapsed": meta["elapsed"],
+        "rng": meta["rng"],
+        "gen": tensors["rng/gen"],
+        "torch_rng": tensors["rng/torch"],
+        "config": meta["config"],
+    }
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
