@@ -151,3 +151,36 @@ def test_lexical_policy_ranks_the_document_that_shares_the_question_words(llm, t
     assert [n.node.node_id for n in loaded.as_retriever(similarity_top_k=2).retrieve("night train to Oslo platform")] == [n.node.node_id for n in nodes]
     with pytest.raises(ValueError, match="policy must be one of"):
         SharedContextIndex.from_documents(documents()[:1], llm=llm, policy="psychic")
+
+
+def test_empty_documents_are_skipped_and_reported(llm, tmp_path):
+    docs = documents()[:1] + [Document(text="", id_="blank"), Document(text=" \n\t", id_="spaces")] + documents()[1:2]
+    idx = SharedContextIndex.from_documents(docs, llm=llm, store=tmp_path / "store")
+    assert [doc_id for doc_id, _ in idx.skipped] == ["blank", "spaces"]
+    assert all("empty" in reason for _, reason in idx.skipped)
+    assert set(idx.ref_doc_info) == {"harrow", "bread"}
+    assert {d.doc_id for d in idx.context_index.documents()} == {"harrow#sharedctx", "bread#sharedctx"}
+    assert idx.docstore.get_document("blank#sharedctx", raise_error=False) is None
+    assert idx.docstore.get_document_hash("blank") is None  # not recorded as ingested
+    idx.insert(Document(text="", id_="later"))
+    assert idx.skipped[-1][0] == "later" and set(idx.ref_doc_info) == {"harrow", "bread"}
+
+
+def test_load_index_from_storage_names_from_persist_dir(llm, tmp_path):
+    from llama_index.core import StorageContext, load_index_from_storage
+
+    idx = SharedContextIndex.from_documents(documents()[:1], llm=llm, store=tmp_path / "live")
+    idx.persist(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"SharedContextIndex\.from_persist_dir"):
+        load_index_from_storage(StorageContext.from_defaults(persist_dir=str(tmp_path / "saved")))
+    assert set(SharedContextIndex.from_persist_dir(tmp_path / "saved", llm=llm).ref_doc_info) == {"harrow"}
+    # the layout persist wrote before: LlamaIndex's stores in llama_index/, the struct typed as a plain list
+    legacy = tmp_path / "saved" / "llama_index"
+    legacy.mkdir()
+    for f in (tmp_path / "saved").glob("*.json"):
+        text = f.read_text()
+        (legacy / f.name).write_text(text.replace('"__type__": "SharedContextIndex"', '"__type__": "list"'))
+        f.unlink()
+    assert '"list"' in (legacy / "index_store.json").read_text()
+    reopened = SharedContextIndex.from_persist_dir(tmp_path / "saved", llm=llm)
+    assert set(reopened.ref_doc_info) == {"harrow"} and reopened.index_struct.get_type() == "SharedContextIndex"

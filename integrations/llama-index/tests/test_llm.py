@@ -122,3 +122,16 @@ def test_options_are_validated(llm):
     stop_text = SharedLLM(llm=llm, max_new_tokens=16).complete("Tell me.").text
     stop = stop_text[4:6]
     assert SharedLLM(llm=llm, max_new_tokens=16, stop=[stop]).complete("Tell me.").text == stop_text[: stop_text.index(stop)]
+
+
+async def test_async_calls_are_reported_once_with_exact_counts(llm):
+    """acomplete / achat / astream_* each fire one LLM event (not also the sync method's): counts are not doubled."""
+    counter = TokenCountingHandler(tokenizer=lambda text: [0])
+    lm = SharedLLM(llm=llm, max_new_tokens=5, callback_manager=CallbackManager([counter]))
+    usage = (await lm.acomplete("Count me.")).raw["usage"]
+    await lm.achat([ChatMessage(role="user", content="Count me.")])
+    assert [p async for p in await lm.astream_complete("Count me.")][-1].raw["usage"] == usage
+    assert [p async for p in await lm.astream_chat([ChatMessage(role="user", content="Count me.")])][-1].raw["usage"] == usage
+    assert len(counter.llm_token_counts) == 4
+    assert counter.prompt_llm_token_count == 4 * usage["prompt_tokens"]
+    assert counter.completion_llm_token_count == 4 * usage["completion_tokens"]

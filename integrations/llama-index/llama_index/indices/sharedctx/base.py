@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.data_structs.data_structs import IndexList
+from llama_index.core.data_structs.registry import INDEX_STRUCT_TYPE_TO_INDEX_STRUCT_CLASS
 from llama_index.core.indices.base import BaseIndex
+from llama_index.core.indices.registry import INDEX_STRUCT_TYPE_TO_INDEX_CLASS
 from llama_index.core.ingestion import run_transformations
 from llama_index.core.schema import BaseNode, Document, MetadataMode, NodeRelationship, TextNode, TransformComponent
 from llama_index.core.settings import Settings
@@ -17,11 +20,27 @@ from llama_index.core.storage.docstore.types import RefDocInfo
 from llama_index.core.storage.storage_context import StorageContext
 from llama_index.core.utils import get_tqdm_iterable
 
-__all__ = ["SharedContextIndex"]
+__all__ = ["SharedContextIndex", "SharedContextIndexStruct"]
 
 logger = logging.getLogger(__name__)
 
-_STORAGE_DIR = "llama_index"  # the docstore / index store, next to the ContextIndex's own folders
+_LEGACY_STORAGE_DIR = "llama_index"  # where persist wrote the docstore / index store before they moved to the top
+_EMPTY = "the document is empty (no text to index)"
+_OPEN_WITH = (
+    "a SharedContextIndex keeps its documents in a sharedctx ContextIndex directory, which a StorageContext does not "
+    "name: open it with SharedContextIndex.from_persist_dir(persist_dir, llm=...) "
+    "(from llama_index.indices.sharedctx import SharedContextIndex), not load_index_from_storage"
+)
+
+
+@dataclass
+class SharedContextIndexStruct(IndexList):
+    """The node ids of a SharedContextIndex, persisted under their own type so that LlamaIndex's
+    ``load_index_from_storage`` does not mistake them for a SummaryIndex's list."""
+
+    @classmethod
+    def get_type(cls) -> Any:  # a str, not an IndexStructType member: that enum is closed
+        return "SharedContextIndex"
 
 
 def _resolve_llm(llm: Any) -> Any:
@@ -54,13 +73,18 @@ def _as_node(document: Document) -> TextNode:
     )
 
 
+def _has_text(item: BaseNode) -> bool:
+    return bool(item.get_content(metadata_mode=MetadataMode.NONE).strip())
+
+
 class SharedContextIndex(BaseIndex[IndexList]):
     """Documents as a forest of compressed context trees, queried by tree traversal and read by latent injection.
 
     Each node (by default one per Document: no text splitter runs, the `ContextIndex` chunks documents by
     itself) becomes a ContextIndex document whose chunks are encoded once into a content-addressed `TreeStore`.
     ``as_retriever()`` returns the tree nodes a query selects as `NodeWithScore`s (spans and scores; usable with
-    any LLM); ``as_query_engine()`` answers with the model reading those nodes as **injected states**.
+    any LLM); ``as_query_engine()`` answers with the model reading those nodes as **injected states**. A node with
+    no text (an empty Document) is skipped, logged and listed in ``skipped``; the others are indexed as usual.
 
     Args:
         nodes: nodes to index (use `from_documents` for Documents).
@@ -70,7 +94,7 @@ class SharedContextIndex(BaseIndex[IndexList]):
         top_k, max_injected_states, expand_margin: options of the ContextIndex (see its documentation).
     """
 
-    index_struct_cls = IndexList
+    index_struct_cls = SharedContextIndexStruct
 
     def __init__(
         self,
@@ -91,6 +115,8 @@ class SharedContextIndex(BaseIndex[IndexList]):
         encode: str = "eager",
         **kwargs: Any,
     ) -> None:
+        if context_index is None and index_struct is not None:
+            raise ValueError(_OPEN_WITH)  # load_index_from_storage: the StorageContext alone cannot find the documents
         if context_index is None:
             from sharedctx.index import ContextIndex
 
@@ -100,6 +126,7 @@ class SharedContextIndex(BaseIndex[IndexList]):
             )
         self.context_index = context_index
         self.build_reports: list[Any] = []  # AddResult of every node added (chunks encoded / reused)
+        self.skipped: list[tuple[str, str]] = []  # (document id, why) of every node not indexed (empty text)
         super().__init__(
             nodes=nodes,
             index_struct=index_struct,
@@ -132,7 +159,8 @@ class SharedContextIndex(BaseIndex[IndexList]):
         callback_manager = callback_manager or Settings.callback_manager
         with callback_manager.as_trace("index_construction"):
             for doc in documents:
-                storage_context.docstore.set_document_hash(doc.id_, doc.hash)
+                if _has_text(doc):  # an empty one is skipped (and reported) when the nodes are built
+                    storage_context.docstore.set_document_hash(doc.id_, doc.hash)
             nodes = cls._nodes_for(documents, transformations, show_progress)
         return cls(
             nodes=nodes,
@@ -149,18 +177,39 @@ class SharedContextIndex(BaseIndex[IndexList]):
             return run_transformations(list(documents), transformations, show_progress=show_progress)
         return [_as_node(d) for d in documents]
 
+    def _indexable(self, nodes: Sequence[BaseNode]) -> List[BaseNode]:
+        """``nodes`` less those with no text, each logged and listed in ``skipped`` by its document's id."""
+        kept = []
+        for node in nodes:
+            if _has_text(node):
+                kept.append(node)
+            else:
+                self._skip(node, _EMPTY)
+        return kept
+
+    def _skip(self, node: BaseNode, reason: str) -> None:
+        doc_id = node.ref_doc_id or node.node_id
+        logger.warning("SharedContextIndex: skipping document %r: %s", doc_id, reason)
+        self.skipped.append((doc_id, reason))
+
+    def build_index_from_nodes(self, nodes: Sequence[BaseNode], **build_kwargs: Any) -> IndexList:
+        return super().build_index_from_nodes(self._indexable(nodes), **build_kwargs)
+
+    def insert_nodes(self, nodes: Sequence[BaseNode], **insert_kwargs: Any) -> None:
+        super().insert_nodes(self._indexable(nodes), **insert_kwargs)
+
     def _add_nodes(self, nodes: Sequence[BaseNode], index_struct: IndexList, show_progress: bool) -> None:
         for node in get_tqdm_iterable(nodes, show_progress, "Encoding documents"):
             metadata = dict(node.metadata)
             if node.ref_doc_id is not None:
                 metadata.setdefault("ref_doc_id", node.ref_doc_id)
             text = node.get_content(metadata_mode=MetadataMode.NONE)
-            self.build_reports.append(self.context_index.add(text, doc_id=node.node_id, metadata=metadata))
+            self.build_reports.append(self.context_index.add_text(text, doc_id=node.node_id, metadata=metadata))
             if node.node_id not in index_struct.nodes:
                 index_struct.add_node(node)
 
     def _build_index_from_nodes(self, nodes: Sequence[BaseNode], **build_kwargs: Any) -> IndexList:
-        index_struct = IndexList()
+        index_struct = SharedContextIndexStruct()
         self._add_nodes(nodes, index_struct, self._show_progress)
         return index_struct
 
@@ -172,7 +221,8 @@ class SharedContextIndex(BaseIndex[IndexList]):
         with self._callback_manager.as_trace("insert"):
             nodes = self._nodes_for([document], self._transformations, self._show_progress)
             self.insert_nodes(nodes, **insert_kwargs)
-            self.docstore.set_document_hash(document.id_, document.hash)
+            if _has_text(document):
+                self.docstore.set_document_hash(document.id_, document.hash)
 
     async def ainsert(self, document: Document, **insert_kwargs: Any) -> None:
         import asyncio
@@ -200,27 +250,31 @@ class SharedContextIndex(BaseIndex[IndexList]):
 
     # ------------------------------------------------------------------ persistence
     def persist(self, persist_dir: str | os.PathLike) -> Path:
-        """Write the index to ``persist_dir``: the ContextIndex (node store and document table) and LlamaIndex's
-        docstore / index store under ``persist_dir/llama_index``. Reopen with `from_persist_dir`."""
+        """Write the index to ``persist_dir``: the ContextIndex (node store and document table) and, next to it,
+        LlamaIndex's docstore / index store. Reopen with `from_persist_dir` (``load_index_from_storage`` cannot
+        find the ContextIndex from a StorageContext, so it raises an error naming `from_persist_dir`)."""
         path = self.context_index.persist(persist_dir)
-        self.storage_context.persist(persist_dir=str(Path(persist_dir) / _STORAGE_DIR))
+        self.storage_context.persist(persist_dir=str(persist_dir))
         return Path(path)
 
     @classmethod
     def from_persist_dir(cls, persist_dir: str | os.PathLike, llm: Any = None, **kwargs: Any) -> "SharedContextIndex":
-        """Open an index written by `persist` (refused when ``llm`` is another base model or configuration).
-
-        (LlamaIndex's ``load_index_from_storage`` knows only its built-in index types; use this instead.)
-        """
+        """Open an index written by `persist` (refused when ``llm`` is another base model or configuration)."""
         from sharedctx.index import ContextIndex
 
         options = {k: kwargs.pop(k) for k in ("top_k", "max_injected_states", "expand_margin", "policy", "encode") if k in kwargs}
         context_index = ContextIndex.load(persist_dir, _resolve_llm(llm), **options)
-        storage_context = StorageContext.from_defaults(persist_dir=str(Path(persist_dir) / _STORAGE_DIR))
+        storage_dir = Path(persist_dir)
+        if not (storage_dir / "index_store.json").is_file() and (storage_dir / _LEGACY_STORAGE_DIR).is_dir():
+            storage_dir = storage_dir / _LEGACY_STORAGE_DIR
+        storage_context = StorageContext.from_defaults(persist_dir=str(storage_dir))
         structs = storage_context.index_store.index_structs()
         if len(structs) != 1 or not isinstance(structs[0], IndexList):
             raise ValueError(f"{persist_dir} does not hold one SharedContextIndex (found {len(structs)} index structs)")
-        return cls(index_struct=structs[0], storage_context=storage_context, context_index=context_index, **kwargs)
+        struct = structs[0]
+        if not isinstance(struct, SharedContextIndexStruct):  # persisted as a plain list before it had its own type
+            struct = SharedContextIndexStruct(index_id=struct.index_id, summary=struct.summary, nodes=list(struct.nodes))
+        return cls(index_struct=struct, storage_context=storage_context, context_index=context_index, **kwargs)
 
     # ------------------------------------------------------------------ retrieval and answers
     def as_retriever(self, **kwargs: Any) -> Any:
@@ -242,3 +296,8 @@ class SharedContextIndex(BaseIndex[IndexList]):
             raise ValueError("as_query_engine(llm=...) must be this index's SharedLLM; use as_retriever() with other LLMs")
         kwargs.setdefault("callback_manager", self._callback_manager)
         return SharedContextQueryEngine(self, **kwargs)
+
+
+# load_index_from_storage finds the class by the persisted struct's type: this one raises an error naming from_persist_dir
+INDEX_STRUCT_TYPE_TO_INDEX_STRUCT_CLASS.setdefault(SharedContextIndexStruct.get_type(), SharedContextIndexStruct)
+INDEX_STRUCT_TYPE_TO_INDEX_CLASS.setdefault(SharedContextIndexStruct.get_type(), SharedContextIndex)

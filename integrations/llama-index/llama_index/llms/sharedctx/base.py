@@ -184,15 +184,24 @@ class SharedLLM(CustomLLM):
         return ""
 
     # ------------------------------------------------------------------ completion
+    # The public methods carry LlamaIndex's callback decorators; the async ones run the undecorated bodies in a
+    # thread, so each call reaches the callback manager once (a decorated async calling a decorated sync would
+    # report it twice and double every token count).
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._complete(prompt, formatted, kwargs)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return self._stream_complete(prompt, formatted, kwargs)
+
+    def _complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponse:
         stats: dict[str, Any] = {}
         text = "".join(self._deltas(self._complete_messages(prompt, formatted), prompt, stats, kwargs))
         raw, extra = self._raw(stats)
         return CompletionResponse(text=text, raw=raw, additional_kwargs=extra)
 
-    @llm_completion_callback()
-    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+    def _stream_complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponseGen:
         messages = self._complete_messages(prompt, formatted)
 
         def gen() -> CompletionResponseGen:
@@ -209,14 +218,20 @@ class SharedLLM(CustomLLM):
     # ------------------------------------------------------------------ chat
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._stream_chat(messages, kwargs)
+
+    def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
         messages = self._with_system(messages)
         stats: dict[str, Any] = {}
         text = "".join(self._deltas(messages, self._question(messages), stats, kwargs))
         raw, extra = self._raw(stats)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), raw=raw, additional_kwargs=extra)
 
-    @llm_chat_callback()
-    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+    def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
         messages = self._with_system(messages)
 
         def gen() -> ChatResponseGen:
@@ -236,26 +251,26 @@ class SharedLLM(CustomLLM):
             messages.insert(0, ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt))
         return messages
 
-    # ------------------------------------------------------------------ async: threads, never asyncio.run
+    # ------------------------------------------------------------------ async: threads, never asyncio.run; undecorated bodies
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.complete(prompt, formatted, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self._complete(prompt, formatted, kwargs))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.chat(messages, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self._chat(messages, kwargs))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         from sharedctx.concurrency import iterate_in_thread
 
-        return iterate_in_thread(lambda: self.stream_complete(prompt, formatted, **kwargs))
+        return iterate_in_thread(lambda: self._stream_complete(prompt, formatted, kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         from sharedctx.concurrency import iterate_in_thread
 
-        return iterate_in_thread(lambda: self.stream_chat(messages, **kwargs))
+        return iterate_in_thread(lambda: self._stream_chat(messages, kwargs))
 
 
 def load_llm(model: str | None, adapter: str | None, device: str | None, dtype: str | None) -> Any:
