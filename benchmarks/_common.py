@@ -17,7 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`: use this checkout's sharedctx
     sys.path.insert(0, str(ROOT))
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: environment variable naming the corpus folder when ``--data`` is not given
+DATA_ENV = "SHAREDCTX_DATA"
+#: the corpus beside a checkout (books/, code/, math/), read when neither ``--data`` nor $SHAREDCTX_DATA names one
+NEIGHBOUR_DATA = ROOT.parent / "shared" / "data"
+#: opening chapters of three novels shipped with the project (benchmarks/data/README.md): what ``--quick`` reads
+SHIPPED_DATA = ROOT / "benchmarks" / "data"
+#: haystack prose of the needle tasks, under the corpus folder
+FILLER = "books/northanger_abbey.txt"
 
 
 def machine() -> dict:
@@ -66,16 +73,58 @@ def write_json(name: str, payload: dict, out: str | Path | None = None) -> Path:
     return path
 
 
-def corpus_text(path: str | None, default: str) -> str:
-    p = Path(path) if path else SHARED_DATA / default
-    if not p.is_file():
-        raise SystemExit(f"{p} not found: pass --file PATH to a long text file")
-    return p.read_text(encoding="utf-8")
+# ---------------------------------------------------------------------- the corpus
+class MissingData(FileNotFoundError):
+    """A text a benchmark reads is not there; the message names it and the ways to give the corpus."""
+
+
+def add_data_arg(ap) -> None:
+    """``--data DIR``: the corpus folder every benchmark reads its texts from (`data_root`)."""
+    ap.add_argument("--data", metavar="DIR", default=None,
+                    help=f"corpus folder with books/, code/, math/ as in ../shared/data (default: ${DATA_ENV}, else ../shared/data "
+                         "beside the checkout; with --quick: the short texts shipped in benchmarks/data)")
+
+
+def data_root(args) -> tuple[Path, str]:
+    """The corpus folder a run reads and why: ``--data DIR``, else the shipped texts for ``--quick`` (a smoke run reads
+    the same texts on every machine), else $SHAREDCTX_DATA, else ../shared/data beside the checkout."""
+    if getattr(args, "data", None):
+        return Path(args.data).expanduser(), "given by --data"
+    if getattr(args, "quick", False):
+        return SHIPPED_DATA, "--quick reads the texts shipped in benchmarks/data"
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser(), f"given by ${DATA_ENV}"
+    return NEIGHBOUR_DATA, f"../shared/data beside the checkout, as neither --data nor ${DATA_ENV} is set"
+
+
+def data_file(name: str | os.PathLike, args) -> Path:
+    """``name`` under the corpus folder of `data_root` (e.g. ``books/emma.txt``), else ``name`` as a path to a file.
+
+    Raises `MissingData` naming the file, the folder looked in and how to give the corpus."""
+    root, why = data_root(args)
+    if (root / name).is_file():
+        return root / name
+    if Path(name).expanduser().is_file():
+        return Path(name).expanduser()
+    missing = "" if root.is_dir() else "no such folder; "
+    quick = getattr(args, "quick", False)  # --quick reads $SHAREDCTX_DATA only through --data
+    ways = "--data DIR" if quick else f"--data DIR or {DATA_ENV}=DIR"
+    hint = "" if quick else "; or run with --quick on the short texts shipped in benchmarks/data"
+    raise MissingData(f"{name}: no such file in the benchmark corpus {root} ({missing}{why}), nor is it a path to a file. Give the "
+                      f"corpus folder (books/, code/, math/ as in ../shared/data) with {ways}, or a path to the file{hint}")
+
+
+def run(main) -> None:
+    """Run a benchmark's ``main`` as a script: a missing corpus file ends it with its message instead of a traceback."""
+    try:
+        main()
+    except MissingData as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 # ---------------------------------------------------------------------- shared by the issue-6 benchmarks
 def add_model_args(ap, *, lengths: list[int]) -> None:  # noqa: D401
-    """Options every benchmark takes: model, adapter, sizes, threads, output folder, --quick."""
+    """Options every benchmark takes: model, adapter, sizes, threads, output folder, corpus folder, --quick."""
     ap.add_argument("--model", default=None, help="base model folder or id (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--adapter", default=None, help="adapter folder; 'none' for the identity adapter (default: the shipped one, if any)")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, metavar="N", help=f"context lengths in tokens (default {lengths}; smaller with --quick)")
@@ -86,6 +135,7 @@ def add_model_args(ap, *, lengths: list[int]) -> None:  # noqa: D401
     ap.add_argument("--out", default=None, help="folder for JSON and PNG (default benchmarks/results)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and one trial: a smoke run of a few minutes")
     ap.add_argument("--name", default=None, help="output name instead of the benchmark's (e.g. finding_16k); report.py reads <benchmark>*.json")
+    add_data_arg(ap)
 
 
 def load_llm(args, **config_changes):

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from _common import SHARED_DATA, add_model_args, finish, load_llm, model_info, plt
+from _common import FILLER, add_model_args, data_file, finish, load_llm, model_info, plt, run
 from _systems import SharedLatent, SharedStore
 from _tasks import filler_tokens, make_task, score
 
@@ -50,7 +50,8 @@ VARIANTS = [
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap, lengths=[8192])
-    ap.add_argument("--file", default="books/pride_and_prejudice.txt", help="perplexity text under ../shared/data")
+    ap.add_argument("--file", default="books/pride_and_prejudice.txt", help="perplexity text: a file under the corpus folder (--data), or a path")
+    ap.add_argument("--filler", default=FILLER, help="haystack prose for the needles: a file under the corpus folder, or a path")
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--windows", type=int, default=1)
     ap.add_argument("--trials", type=int, default=3, help="needle trials per task (depths 0.1-0.9)")
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.window, args.trials = 512, 1
     args.lengths = args.lengths or ([1024] if args.quick else [8192])
+    text_path, filler_path = data_file(args.file, args), data_file(args.filler, args)
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
     from sharedctx.training.evaluate import eval_ppl
@@ -77,8 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{group:<17} {label:<20} not run: {exc}", flush=True)
             continue
         tok = llm.tokenizer
-        path = args.file if os.path.isfile(args.file) else SHARED_DATA / args.file
-        with open(path, encoding="utf-8") as fh:
+        with open(text_path, encoding="utf-8") as fh:
             text_ids = np.asarray(tok(fh.read(), add_special_tokens=False)["input_ids"], dtype=np.int64)
         row = {"group": group, "label": label, "changes": changes, "index_options": index_opts, **model_info(llm)}
         if index_opts is None:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
             if reference is None:
                 reference = r["modes"]["window"]["ppl"]
         system = SharedLatent(llm) if index_opts is None else SharedStore(llm, **index_opts)
-        with open(SHARED_DATA / "books" / "northanger_abbey.txt", encoding="utf-8") as fh:
+        with open(filler_path, encoding="utf-8") as fh:
             filler = filler_tokens(tok, fh.read())
         rng = np.random.default_rng(args.seed)
         scores = []
@@ -135,4 +136,4 @@ def _plot(result: dict, path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

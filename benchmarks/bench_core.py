@@ -1,6 +1,6 @@
 """Encode throughput and query latency of the core engine on one long document.
 
-    python benchmarks/bench_core.py --tokens 16384            # default model, Emma from ../shared/data
+    python benchmarks/bench_core.py --tokens 16384            # default model, Emma from the corpus folder (--data)
     python benchmarks/bench_core.py --quick                    # tiny sizes, a few seconds
 
 Measures, in one run on one machine: tokens/s through the lower model when every node is precomputed;
@@ -15,17 +15,19 @@ import time
 
 import torch
 
-from _common import RESULTS, corpus_text, write_json
+from _common import RESULTS, add_data_arg, data_file, run, write_json
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--file", default=None)
+    ap.add_argument("--file", default="books/emma.txt", help="the document: a file under the corpus folder (--data), or a path")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="small sizes (2K tokens) for a smoke run")
+    add_data_arg(ap)
     args = ap.parse_args()
+    path = data_file(args.file, args)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.tokens, args.repeats = 2048, 1
@@ -34,7 +36,7 @@ def main() -> None:
 
     llm = SharedLLM.from_pretrained()
     tok = llm.tokenizer
-    ids = tok(corpus_text(args.file, "books/emma.txt"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if ids.numel() < args.tokens:
         raise SystemExit(f"the text has {ids.numel()} tokens, fewer than --tokens {args.tokens}")
     ids = ids[: args.tokens]
@@ -91,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

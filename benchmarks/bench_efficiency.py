@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from _common import SHARED_DATA, PeakMemory, add_model_args, finish, load_llm, model_info, plt
+from _common import FILLER, PeakMemory, add_model_args, data_file, finish, load_llm, model_info, plt, run
 from _systems import NotRun, make_system
 from _tasks import filler_tokens, make_task, score
 
@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="e.g. bfloat16 on the GPU")
     ap.add_argument("--text-top-k", type=int, default=2, help="chunks (of C tokens) sharedctx text mode puts in the prompt (as bench_finding)")
-    ap.add_argument("--filler", default=str(SHARED_DATA / "books" / "northanger_abbey.txt"), help="haystack prose")
+    ap.add_argument("--filler", default=FILLER, help="haystack prose: a file under the corpus folder (--data), or a path")
     args = ap.parse_args(argv)
     args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768])
+    filler_path = data_file(args.filler, args)
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             systems[name] = make_system(name, llm, allow_past_window=True, **opts)
         except NotRun as exc:
             not_run[name] = str(exc)
-    with open(args.filler, encoding="utf-8") as fh:  # book prose: repeated filler would let the store deduplicate chunks
+    with open(filler_path, encoding="utf-8") as fh:  # book prose: repeated filler would let the store deduplicate chunks
         filler = filler_tokens(llm.tokenizer, fh.read())
     rows, skipped = [], {}
     for length in args.lengths:
@@ -137,4 +138,4 @@ def _plot(result: dict, path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

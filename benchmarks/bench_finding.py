@@ -23,7 +23,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from _common import SHARED_DATA, add_model_args, load_llm, model_info, output_name, plt, write_json
+from _common import FILLER, add_model_args, data_file, load_llm, model_info, output_name, plt, run, write_json
 from _systems import NotRun, make_system
 from _tasks import TASK_NAMES, filler_tokens, make_task, score
 
@@ -42,18 +42,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chunk-tokens", type=int, default=256, help="RAG/BM25 chunk size in base-model tokens (MiniLM reads 256 word pieces)")
     ap.add_argument("--text-top-k", type=int, default=2, help="chunks (of C tokens) sharedctx text mode puts in the prompt")
     ap.add_argument("--stream-window", type=int, default=2048, help="streaming cache: 4 sinks + this many tokens in all")
-    ap.add_argument("--filler", default=str(SHARED_DATA / "books" / "northanger_abbey.txt"), help="haystack prose for the RULER tasks")
+    ap.add_argument("--filler", default=FILLER, help="haystack prose for the RULER tasks: a file under the corpus folder (--data), or a path")
     args = ap.parse_args(argv)
     if args.quick:
         args.trials, args.depths = 1, [0.5]
     args.lengths = args.lengths or ([1024] if args.quick else [4096, 8192, 16384, 32768])
     args.tasks = args.tasks or (["passkey", "niah_multikey", "vt"] if args.quick else list(TASK_NAMES))
+    filler_path = data_file(args.filler, args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     llm = load_llm(args)
     tok = llm.tokenizer
-    with open(args.filler, encoding="utf-8") as fh:
+    with open(filler_path, encoding="utf-8") as fh:
         filler = filler_tokens(tok, fh.read())
     options = dict(top_k=args.top_k, chunk_tokens=args.chunk_tokens, overlap=args.chunk_tokens // 8, window=args.stream_window)
     systems, not_run = {}, {}
@@ -156,4 +157,4 @@ def _plot(result: dict, path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

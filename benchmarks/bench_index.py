@@ -1,6 +1,6 @@
 """ContextIndex build throughput and query latency, cold vs warm store, against full-attention prefill.
 
-    python benchmarks/bench_index.py                        # default model; 8K, 32K, 128K tokens of Austen
+    python benchmarks/bench_index.py                        # default model; 8K, 32K, 128K tokens of Austen (--data)
     python benchmarks/bench_index.py --sizes 8192 32768     # fewer sizes
     python benchmarks/bench_index.py --quick                # tiny random model, 1K/2K tokens, seconds
     python benchmarks/bench_index.py --sizes 8192 --full-max 0 --concurrent 8 --name index_cpu_concurrent
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, SHARED_DATA, write_json
+from _common import RESULTS, add_data_arg, data_file, run, write_json
 
 QUESTION = "Who is Mr. Darcy, and what does Elizabeth think of him at first?"
 QUESTIONS = (
@@ -69,11 +69,11 @@ def tiny_llm():
     return SharedLLM.from_model(model, fast, config=SharedCtxConfig(injection_layers=2, chunk_size=128, node_keep=8))
 
 
-def corpus(n_tokens: int, tokenizer) -> str:
-    """At least ``n_tokens`` tokens of Austen (books concatenated), cut at a line end."""
+def corpus(n_tokens: int, tokenizer, args) -> str:
+    """``n_tokens`` tokens of Austen (books of the corpus folder concatenated), cut where they are reached."""
     text = ""
     for name in BOOKS * 4:
-        text += (SHARED_DATA / "books" / name).read_text(encoding="utf-8") + "\n\n"
+        text += data_file(f"books/{name}", args).read_text(encoding="utf-8") + "\n\n"
         if len(text) > 6 * n_tokens:
             break
     lo, hi = 0, len(text)
@@ -257,7 +257,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--name", default=None, help="results file stem (default index_<device>; sizes already in it are kept)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 1K and 2K tokens (a smoke run)")
+    add_data_arg(ap)
     args = ap.parse_args()
+    data_file(f"books/{BOOKS[0]}", args)  # a missing corpus fails before the model loads
     torch.set_num_threads(args.threads)
     if args.quick:
         args.sizes, args.repeats, args.new_tokens, args.concurrent = [1024, 2048], 1, 4, min(args.concurrent, 4)
@@ -281,7 +283,7 @@ def main() -> None:
                 r.setdefault("command", old.get("command"))
                 r.setdefault("load_average_1m", old.get("machine", {}).get("load_average_1m"))
     for n in args.sizes:
-        row = measure(llm, corpus(n, llm.tokenizer), args)
+        row = measure(llm, corpus(n, llm.tokenizer, args), args)
         import os
 
         row["load_average_1m"] = round(os.getloadavg()[0], 2)
@@ -296,4 +298,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

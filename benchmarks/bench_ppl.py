@@ -15,6 +15,8 @@ The held-out code file has about 100K tokens and the TeX file 36K. For code at 1
 a longer held-out text: modules of the running Python's standard library that are not in the training data
 (`sharedctx.data.STDLIB_TEXTS`; the JSON records the Python version and the text's SHA-256, since the modules change between
 versions). Controls longer than one training file are files of the same kind joined in order (`CONTROLS`).
+Files are read from the corpus folder: --data DIR, else $SHAREDCTX_DATA, else ../shared/data (--quick: the texts
+shipped in benchmarks/data).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import time
 import numpy as np
 import torch
 
-from _common import SHARED_DATA, add_model_args, finish, load_llm, model_info, plt
-from sharedctx.training.data import read_eval_text
+from _common import add_model_args, data_file, finish, load_llm, model_info, plt, run
+from sharedctx.training.data import STDLIB_TEXTS, read_eval_text
 
 #: held-out text -> unrelated texts of the same kind (the control), joined in order as far as a length needs
 CONTROLS = {
@@ -37,16 +39,17 @@ CONTROLS = {
     "stdlib:code": ("stdlib:code-control",),
 }
 
-def read_text(name: str) -> tuple[str, dict]:
-    """The text of a file under ../shared/data, a path, or a `sharedctx.data.STDLIB_TEXTS` name, with its source."""
-    return read_eval_text(name, SHARED_DATA)
+def read_text(name: str, args) -> tuple[str, dict]:
+    """The text of a file under the corpus folder (`_common.data_file`), a path, or a `sharedctx.data.STDLIB_TEXTS`
+    name, with its source."""
+    return read_eval_text(name if name in STDLIB_TEXTS else str(data_file(name, args)))
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap, lengths=[4096, 8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--files", nargs="+", default=list(CONTROLS)[:3],
-                    help="files under ../shared/data, paths, or stdlib:code (default: the three held-out files)")
+                    help="files under the corpus folder (--data), paths, or stdlib:code (default: the three held-out files)")
     ap.add_argument("--modes", nargs="+", default=["adapter", "control", "window", "full", "streaming"])
     ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--score-last", type=int, default=256)
@@ -56,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.window, args.windows, args.files = min(args.window, 512), 1, args.files[:1]
     args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768, 65536, 131072])
+    for name in args.files:  # a missing text fails before the model loads
+        if name not in STDLIB_TEXTS:
+            data_file(name, args)
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
 
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     sources: dict[str, dict] = {}
 
     def ids(name: str) -> np.ndarray:
-        text, sources[name] = read_text(name)
+        text, sources[name] = read_text(name, args)
         return np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
     need = max(args.lengths)
@@ -136,4 +142,4 @@ def _plot(result: dict, path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

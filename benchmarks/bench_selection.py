@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from _common import SHARED_DATA, add_model_args, load_llm, model_info, output_name, plt, write_json
+from _common import FILLER, add_model_args, data_file, load_llm, model_info, output_name, plt, run, write_json
 from _tasks import TASK_NAMES, filler_tokens, make_task
 
 KS = (1, 2, 8)
@@ -98,15 +98,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trials", type=int, default=3, help="trials per task and length (depths cycle)")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 4], help="hidden-state layers of the mean/maxleaf scorers")
-    ap.add_argument("--filler", default=str(SHARED_DATA / "books" / "northanger_abbey.txt"), help="haystack prose for the RULER tasks")
+    ap.add_argument("--filler", default=FILLER, help="haystack prose for the RULER tasks: a file under the corpus folder (--data), or a path")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths, args.trials = args.lengths or [512], 1
     tasks = args.tasks or ["passkey", "niah_single", "niah_multikey", "vt"]
+    filler_path = data_file(args.filler, args)
     llm = load_llm(args)
     tok, chunk = llm.tokenizer, llm.config.chunk_size
-    filler = filler_tokens(tok, open(args.filler, encoding="utf-8").read())
+    filler = filler_tokens(tok, filler_path.read_text(encoding="utf-8"))
     rng = np.random.default_rng(args.seed)
     trials, t_start = [], time.perf_counter()
     for length in args.lengths:
@@ -164,4 +165,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

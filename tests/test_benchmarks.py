@@ -1,8 +1,13 @@
-"""The benchmark scripts run end to end in --quick mode on a tiny random model, and the README table reads their JSON."""
+"""The benchmark scripts run end to end in --quick mode on a tiny random model and the texts the project ships, the
+results page reads their JSON, and a missing corpus is named with the ways to give it."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,15 +71,15 @@ def test_ppl_quick(bench):
 def test_ppl_long_held_out_code_and_joined_controls(bench):
     import bench_ppl
 
-    text, info = bench_ppl.read_text("stdlib:code")
+    quick = argparse.Namespace(data=None, quick=True)
+    text, info = bench_ppl.read_text("stdlib:code", quick)
     assert info["python"] == sys.version.split()[0] and info["modules"][0] == "_pydecimal.py"
     assert "class Decimal" in text and len(text) > 400_000  # long enough for 128K tokens of the default model
-    with pytest.raises(FileNotFoundError, match="no evaluation text"):
-        bench_ppl.read_text("books/no_such_book.txt")
+    with pytest.raises(FileNotFoundError, match="books/no_such_book.txt: no such file in the benchmark corpus"):
+        bench_ppl.read_text("books/no_such_book.txt", quick)
+    # (that none of stdlib:code is in the training corpus is checked by tests/test_data.py where the corpus is present)
     from sharedctx.training.data import DEFAULT_HOLDOUT
 
-    trained = {p.name.removesuffix(".py.txt").removeprefix("cpython_") for p in (bench_ppl.SHARED_DATA / "code").glob("*.py.txt")}
-    assert not {m.split("/")[0].removesuffix(".py") for m in info["modules"]} & trained  # none of it is in the corpus
     assert set(bench_ppl.CONTROLS) >= set(DEFAULT_HOLDOUT)
     # a control text longer than one file joins the next one; the JSON names every part and the source
     r = bench_ppl.main(_args(bench, "--lengths", "768", "--windows", "1", "--files", "stdlib:code", "--modes", "adapter", "control", "window"))
@@ -165,3 +170,45 @@ def test_offline_tiktoken_serves_a_local_cl100k_as_tiktoken_cache(bench, tmp_pat
     import os
 
     assert os.environ["TIKTOKEN_CACHE_DIR"] == cache
+
+
+def test_corpus_folder_comes_from_data_option_then_environment_then_beside_the_checkout(bench, tmp_path, monkeypatch):
+    import _common
+    from _common import DATA_ENV, MissingData, data_file, data_root
+
+    (tmp_path / "given" / "books").mkdir(parents=True)
+    (tmp_path / "given" / "books" / "emma.txt").write_text("Emma")
+    (tmp_path / "env").mkdir()
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
+    monkeypatch.setattr(_common, "NEIGHBOUR_DATA", tmp_path / "beside")
+    full, quick = argparse.Namespace(data=None, quick=False), argparse.Namespace(data=None, quick=True)
+    given = argparse.Namespace(data=str(tmp_path / "given"), quick=True)
+    assert data_root(given)[0] == tmp_path / "given"  # --data wins, with --quick too
+    assert data_root(quick)[0] == _common.SHIPPED_DATA  # a smoke run reads the shipped texts on every machine
+    assert data_root(full) == (tmp_path / "env", f"given by ${DATA_ENV}")
+    assert data_file("books/emma.txt", given) == tmp_path / "given" / "books" / "emma.txt"
+    assert data_file(str(tmp_path / "given" / "books" / "emma.txt"), full).read_text() == "Emma"  # a path as given
+    with pytest.raises(MissingData, match=re.escape(f"books/emma.txt: no such file in the benchmark corpus {tmp_path / 'env'}")) as err:
+        data_file("books/emma.txt", full)
+    assert "--data DIR" in str(err.value) and f"{DATA_ENV}=DIR" in str(err.value) and "--quick" in str(err.value)
+    with pytest.raises(MissingData) as err:  # --quick ignores $SHAREDCTX_DATA: the message offers --data only
+        data_file("math/none.tex", quick)
+    assert "with --data DIR," in str(err.value) and DATA_ENV not in str(err.value)
+    monkeypatch.delenv(DATA_ENV)
+    assert data_root(full)[0] == tmp_path / "beside"
+    with pytest.raises(MissingData, match=re.escape(f"{tmp_path / 'beside'} (no such folder; ../shared/data beside the checkout")):
+        data_file("books/emma.txt", full)
+    # every text a --quick run reads by default is shipped, and what is shipped stays small
+    for name in ("books/pride_and_prejudice.txt", "books/northanger_abbey.txt", "books/emma.txt", _common.FILLER):
+        assert (_common.SHIPPED_DATA / name).is_file(), name
+    assert sum(p.stat().st_size for p in _common.SHIPPED_DATA.rglob("*") if p.is_file()) < 200_000
+
+
+def test_a_missing_corpus_ends_a_script_with_its_name_and_the_ways_to_give_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SHAREDCTX_DATA"}
+    env["PYTHONPATH"] = str(BENCH.parent)
+    out = subprocess.run([sys.executable, str(BENCH / "bench_core.py"), "--data", str(tmp_path / "nowhere")],
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith(f"error: books/emma.txt: no such file in the benchmark corpus {tmp_path / 'nowhere'} (no such folder; given by --data)")
+    assert "--data DIR or SHAREDCTX_DATA=DIR" in out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import byte_tokenizer, make_llm
 from sharedctx.training.data import (
     DEFAULT_HOLDOUT,
     IGNORE,
+    STDLIB_TEXTS,
     TASKS,
     TokenShards,
     build_shards,
@@ -20,7 +22,10 @@ from sharedctx.training.data import (
     passkey_example,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: the corpus, as the benchmarks find it without --data (benchmarks/_common.data_root): $SHAREDCTX_DATA, else
+#: ../shared/data beside the checkout; the tests that read it are skipped on a clone without one
+CORPUS = Path(os.environ.get("SHAREDCTX_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"no corpus at {CORPUS} (set SHAREDCTX_DATA to one)")
 
 
 @pytest.fixture
@@ -59,10 +64,17 @@ def test_holdout_typo_is_refused(corpus, tmp_path):
         build_shards([corpus], byte_tokenizer(), tmp_path / "s", holdout=["b/tow.txt"])
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+@needs_corpus
 def test_default_holdout_names_real_files():
-    names = {n for n, _ in iter_text_files([SHARED_DATA])}
+    names = {n for n, _ in iter_text_files([CORPUS])}
     assert set(DEFAULT_HOLDOUT) <= names and len(names) > len(DEFAULT_HOLDOUT)
+
+
+@needs_corpus
+def test_held_out_stdlib_code_is_not_in_the_corpus():
+    trained = {p.name.removesuffix(".py.txt").removeprefix("cpython_") for p in (CORPUS / "code").glob("*.py.txt")}
+    assert trained  # the corpus has code
+    assert not {m.split("/")[0].removesuffix(".py") for m in STDLIB_TEXTS["stdlib:code"]} & trained
 
 
 def test_lm_layout_scores_only_the_window_and_query_sees_no_scored_token():
