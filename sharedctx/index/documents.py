@@ -2,23 +2,68 @@
 
 Each document record (token ids, character offsets, text, chunk boundaries and chunk root keys) is one checked
 safetensors blob in ``DIR/docs``, a diskcache that never evicts and never unpickles (see `sharedctx.index.store`).
+Beside it, a small JSON entry per document names its source file and the SHA-256 of its text.
+
+A record that fails its checks is never deleted, not even by a read: it is *quarantined* (moved, bytes untouched,
+to ``quarantine/<n>/<doc_id>`` in the same table), reported by `DocumentTable.quarantined` (and so by
+``sharedctx index list`` and ``ask``), and `ContextIndex` restores it from its source file when that file still
+holds the same text. Nodes are different: they are a cache, and a damaged one is dropped and encoded again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from ..errors import DocumentNotFoundError, InputError, UnreadableFileError
+from ..errors import DocumentNotFoundError, InputError
 from .results import DocumentInfo
-from .store import BlobCache, StoreMismatchError
+from .store import BlobCache, StoreError, StoreMismatchError, UnsafeEntryError
 
-__all__ = ["DocumentTable", "DocumentNotFoundError", "read_document"]
+__all__ = ["DocumentTable", "DocumentNotFoundError", "QuarantinedDocument", "read_document", "text_sha256"]
+
+logger = logging.getLogger(__name__)
+
+_QUARANTINE = "quarantine/"
+
+
+def text_sha256(text: str) -> str:
+    """The content hash a document's source file is checked against before it restores a damaged record."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class QuarantinedDocument:
+    """A document whose record was damaged and set aside (its bytes kept), with how to get it back."""
+
+    doc_id: str
+    key: str  # where the damaged bytes are kept, in DIR/docs
+    source: str | None  # the file it was read from, when recorded
+    sha256: str | None  # of the text when it was added
+    metadata: dict[str, Any] = field(default_factory=dict)
+    #: the source file exists and holds the same text: `ContextIndex` restores the record from it when opened
+    restorable: bool = False
+    why_not: str | None = None
+
+    def advice(self, directory: str | os.PathLike) -> str:
+        """One line: which document, where its bytes are, and how to restore it."""
+        head = f"document {self.doc_id!r}: its record in {directory} is damaged and was quarantined (bytes kept under {self.key!r})"
+        if self.restorable:
+            return (f"{head}; its source {self.source} is unchanged, so it is restored automatically the next time the index "
+                    f"is opened with a model (`sharedctx ask --store {directory} ...` or `sharedctx index add --store {directory} "
+                    f"{self.source}`)")
+        return (f"{head}; {self.why_not}. Restore it with `sharedctx index add --store {directory} PATH` from a copy of the "
+                f"file, or drop it with `sharedctx index remove --store {directory} {self.doc_id}`")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items()}
 
 
 
@@ -71,17 +116,18 @@ class DocumentTable:
                 "model and options it was built with, or build a new index in another directory"
             )
 
-    def remember(self, **options: Any) -> None:
-        """Record query-side options (``policy``, ``encode``) in the manifest: the index is opened with them next time."""
-        held = self.manifest() or {}
-        if any(held.get(k) != v for k, v in options.items()):
-            self._blobs.set_raw("manifest", json.dumps({**held, **options}, sort_keys=True).encode())
-
     def ids(self) -> list[str]:
         return [k[4:] for k in self._blobs.keys("doc/")]
 
     def get(self, doc_id: str, model: Any = None) -> _Doc | None:
-        got = self._blobs.get("doc/" + doc_id)
+        """The record of ``doc_id``; None when missing, or damaged (then quarantined: moved aside, never deleted)."""
+        try:
+            got = self._blobs.read("doc/" + doc_id)
+        except (StoreError, UnsafeEntryError) as exc:
+            where = self._quarantine(doc_id)
+            logger.warning("index %s: the record of document %r is damaged (%s); quarantined under %r, see "
+                           "`sharedctx index list --store %s`", self.directory, doc_id, exc, where, self.directory)
+            return None
         if got is None:
             return None
         t, meta = got
@@ -119,9 +165,51 @@ class DocumentTable:
             "source": doc.source,
         }
         self._blobs.set("doc/" + doc.doc_id, tensors, {"header": json.dumps(header)})
+        source = {"source": doc.source, "sha256": text_sha256(doc.text), "metadata": doc.metadata}
+        self._blobs.set_raw("src/" + doc.doc_id, json.dumps(source, sort_keys=True).encode())
+        for key in self._quarantine_keys(doc.doc_id):  # a sound record replaces a damaged one
+            self._blobs.delete(key)
 
     def delete(self, doc_id: str) -> bool:
-        return self._blobs.delete("doc/" + doc_id)
+        """Remove a document's record (and any quarantined copy of it); False when there was none."""
+        found = self._blobs.delete("doc/" + doc_id)
+        for key in self._quarantine_keys(doc_id):
+            found = self._blobs.delete(key) or found
+        self._blobs.delete("src/" + doc_id)
+        return found
+
+    # quarantine: damaged records, set aside with their bytes
+    def _quarantine(self, doc_id: str) -> str:
+        key = f"{_QUARANTINE}{time.time_ns()}/{doc_id}"
+        self._blobs.rename("doc/" + doc_id, key)  # False when another reader moved it first: it is kept either way
+        return key
+
+    def _quarantine_entries(self) -> list[tuple[str, str]]:
+        """(key, doc_id) of every quarantined record; keys are ``quarantine/<time_ns>/<doc_id>``."""
+        return [(k, k[len(_QUARANTINE):].split("/", 1)[1]) for k in self._blobs.keys(_QUARANTINE) if k.count("/") >= 2]
+
+    def _quarantine_keys(self, doc_id: str) -> list[str]:
+        return [k for k, d in self._quarantine_entries() if d == doc_id]
+
+    def quarantined(self) -> list[QuarantinedDocument]:
+        """The documents whose records are damaged and set aside, each with whether its source can restore it."""
+        out = []
+        for key, doc_id in self._quarantine_entries():
+            raw = self._blobs.get_raw("src/" + doc_id)
+            src = json.loads(raw) if raw else {}
+            q = QuarantinedDocument(doc_id, key, src.get("source"), src.get("sha256"), src.get("metadata") or {})
+            if q.source is None or q.sha256 is None:
+                q.why_not = "no source file was recorded for it"
+            else:
+                try:
+                    same = text_sha256(read_document(q.source)) == q.sha256
+                except (InputError, OSError) as exc:
+                    q.why_not = f"its source cannot be read ({exc})"
+                else:
+                    q.restorable = same
+                    q.why_not = None if same else f"its source {q.source} has changed since it was added"
+            out.append(q)
+        return out
 
     def close(self) -> None:
         self._blobs.close()
@@ -133,11 +221,8 @@ def read_document(path: str | os.PathLike) -> str:
     if path.is_dir():
         raise InputError(f"{path} is a directory: use add_many() (or `sharedctx index add DIR`) to add the files in it")
     if not path.is_file():
-        raise InputError(f"{path}: no such file" + (" (a broken symbolic link)" if path.is_symlink() else ""))
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UnreadableFileError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from exc
+        raise InputError(f"{path}: no such file")
+    data = path.read_bytes()
     if b"\x00" in data[:65536]:
         raise InputError(f"{path}: looks like a binary file (it contains NUL bytes); give a text file")
     try:
@@ -149,29 +234,17 @@ def read_document(path: str | os.PathLike) -> str:
     return text
 
 
-def _iter_files(path: Path, *, follow_links: bool = False) -> Iterator[tuple[Path, str | None]]:
-    """The files under ``path`` (hidden entries skipped), each with None or the reason it is left out: without
-    ``follow_links``, a symbolic link whose target lies outside ``path`` is left out, and linked folders are not
-    entered. A file named directly is always taken."""
-    if not path.is_dir():
-        yield path, None
-        return
-    root = path.resolve()
-    seen: set[Path] = set()
-    for here, dirs, files in os.walk(path, followlinks=follow_links):
-        real = Path(here).resolve()
-        if real in seen:  # a followed link back up the tree would be walked forever
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            file = Path(here) / name
-            if not follow_links and file.is_symlink():
-                target = file.resolve()
-                if not target.is_relative_to(root):
-                    yield file, f"a symbolic link to {target}, outside {path}; pass --follow-links (follow_links=True) to index it"
-                    continue
-            yield file, None
+def _iter_files(path: Path) -> Iterator[Path]:
+    if path.is_dir():
+        for root, dirs, files in os.walk(path, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not name.startswith("."):
+                    yield Path(root) / name
+    else:
+        yield path
+
+
+def _looks_like_path(item: str) -> bool:
+    """A string names a path when it is short, on one line and exists."""
+    return len(item) < 4096 and "\n" not in item and "\0" not in item and os.path.exists(item)

@@ -10,7 +10,8 @@ Layout of an entry::
 
     b"SCTX" | version (1 byte) | sha256(payload) (32 bytes) | payload = safetensors bytes
 
-A corrupt, truncated or refused entry is deleted and reported as a miss, so the caller recomputes it.
+A corrupt, truncated or refused entry is deleted and reported as a miss, so the caller recomputes it (`BlobCache.get`);
+records that cannot be recomputed are read with `BlobCache.read`, which raises instead and keeps the bytes.
 """
 
 from __future__ import annotations
@@ -141,17 +142,8 @@ def chunk_key(fingerprint: str, signature: Mapping[str, Any], token_ids: torch.T
 
 
 def _private_dir(path: Path) -> Path:
-    """``path``, created private (0700) when missing; a directory that exists already is left as it is."""
-    if path.is_dir():
-        return path
-    try:
-        path.mkdir(parents=True, mode=0o700)
-        os.chmod(path, 0o700)  # mkdir's mode is narrowed by the umask, never widened: make it exact
-    except FileExistsError:
-        if not path.is_dir():
-            raise StoreError(f"{path} exists and is not a directory; give a directory for the store") from None
-    except OSError as exc:
-        raise StoreError(f"cannot create the store directory {path}: {exc.strerror or exc}; check the permissions of its parent") from exc
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
     return path
 
 
@@ -200,6 +192,31 @@ class BlobCache:
             return None
         self._count("hits")
         return out
+
+    def read(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The decoded entry or None when missing; a corrupt or unsafe entry raises `StoreError` and stays on
+        disk (for records that cannot be computed again, which `get` would drop)."""
+        try:
+            blob = self._cache.get(key, retry=True)
+        except UnsafeEntryError:
+            self._count("refused")
+            raise
+        if blob is None:
+            return None
+        try:
+            out = unpack(blob)
+        except Exception as exc:
+            self._count("corrupt")
+            raise StoreError(str(exc)) from exc
+        self._count("hits")
+        return out
+
+    def rename(self, key: str, new_key: str) -> bool:
+        """Move the entry at ``key`` to ``new_key`` (which must be free) without reading its value: the same
+        bytes, inline or in their file, under another key. False when ``key`` is missing."""
+        with self._cache.transact(retry=True):
+            cur = self._cache._sql("UPDATE Cache SET key = ? WHERE key = ? AND raw = 1", (new_key, key))
+            return cur.rowcount > 0
 
     def set(self, key: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
         blob = pack(tensors, metadata)
@@ -268,7 +285,14 @@ class TreeStore:
     ) -> None:
         self.directory = _private_dir(Path(directory))
         self.size_limit = int(size_limit)
-        self._blobs = BlobCache(self.directory, size_limit=self.size_limit)
+        try:
+            self._blobs = BlobCache(self.directory, size_limit=self.size_limit)
+        except StoreError as exc:
+            raise StoreError(
+                f"{exc}. The node store is a cache that can be rebuilt: every node is encoded again from the documents "
+                f"when a query needs it. To rebuild it, delete it (`rm -r {self.directory}`) and open the index again; "
+                "the documents beside it are kept"
+            ) from exc
         self.fingerprint = fingerprint
         self.signature = dict(signature) if signature is not None else None
         if fingerprint is not None:
