@@ -20,6 +20,20 @@ UNTRAINED_NOTE = (
 )
 
 
+def _default_policy() -> str:
+    """The policy a plain run uses: the shipped adapter's (read from its config), else the configuration default."""
+    from .adapter_files import ADAPTER_CONFIG, default_adapter_path
+    from .config import SharedCtxConfig
+
+    path = default_adapter_path()
+    if path is not None:
+        try:
+            return json.loads((path / ADAPTER_CONFIG).read_text())["config"]["policy"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return SharedCtxConfig().policy
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model id or local folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="adapter folder written by save_pretrained")
@@ -30,7 +44,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-height", type=int, default=None, help="h, levels of splitting (default 3)")
     p.add_argument("--node-keep", type=int, default=None, help="states kept per node (default 32)")
     p.add_argument("--policy", choices=POLICIES, default=None,
-                   help="which child of each node to expand: query (node keys, default), lexical (BM25 of node text), right, left, random")
+                   help="which child of each node to expand: query (node keys), lexical (BM25 of node text), right, left, "
+                        f"random. Default: the adapter's own ({_default_policy()} for the default model's shipped adapter; "
+                        "query without an adapter); with --store, the one the index was built with")
 
 
 def _load(args):
@@ -57,28 +73,44 @@ def _load(args):
 def _cmd_ask(args) -> int:
     from .errors import InputError
 
+    if not args.question.strip():  # one rule for --file and --store, checked before any work
+        raise InputError("the question is empty; ask something, e.g. sharedctx ask --file notes.txt \"Who keeps the light?\"")
     if args.store is not None:
         return _cmd_ask_store(args)
     t0 = time.perf_counter()
     if not args.file:
         raise InputError("give at least one --file PATH to read")
+    from tqdm.auto import tqdm
+
     from .index.documents import read_document
 
-    texts = [read_document(f) for f in args.file]
-    context = "\n\n".join(t for t in texts if t.strip())
-    if not context.strip():
-        raise InputError(f"the files {args.file} hold no text to read")
+    texts, skipped = [], []
+    for f in args.file:
+        try:
+            texts.append(read_document(f))
+        except InputError as exc:  # an unreadable file does not stop the others; listed, and the exit code says so
+            skipped.append(str(exc))
+    if not texts:
+        raise InputError("no text to read: " + "; ".join(skipped))
+    context = "\n\n".join(texts)
     llm = _load(args)
     t_load = time.perf_counter()
     stream = sys.stdout.isatty() and not args.json
+    for reason in skipped:
+        print(f"skipped {reason}", file=sys.stderr)
     if not llm.adapter_trained and not args.json:
         print(UNTRAINED_NOTE, file=sys.stderr)
     stats: dict = {}
     chunks = []
-    for delta in llm.stream(args.question, context=context, max_new_tokens=args.max_new_tokens, temperature=args.temperature, stats=stats):
-        chunks.append(delta)
-        if stream:
-            print(delta, end="", flush=True)
+    tree = llm.context_tree(context)
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"encoding nodes of {tree.n_tokens:,} context tokens", disable=not sys.stderr.isatty() or args.json)
+    with bar, llm.encoder.reporting(bar):
+        for delta in llm.stream(args.question, context=tree, max_new_tokens=args.max_new_tokens, temperature=args.temperature, stats=stats):
+            if not bar.disable:
+                bar.close()  # the context is read: the answer follows
+            chunks.append(delta)
+            if stream:
+                print(delta, end="", flush=True)
     answer = "".join(chunks)
     end = time.perf_counter()
     timings = dict(stats.pop("timings", {}))
@@ -91,12 +123,14 @@ def _cmd_ask(args) -> int:
         payload = {"answer": answer, "stats": stats, "timings": {k: round(v, 4) for k, v in timings.items()}}
         if not llm.adapter_trained:
             payload["warning"] = UNTRAINED_NOTE
+        if skipped:
+            payload["skipped"] = skipped
         print(json.dumps(payload, indent=2))
     elif stream:
         print()
     else:
         print(answer)
-    return 0
+    return 1 if skipped else 0
 
 
 # ---------------------------------------------------------------------- index subcommands
@@ -115,8 +149,10 @@ def _apply_manifest(args) -> None:
 def _open_index(args, *, create: bool):
     from .errors import InputError
     from .index import ContextIndex
+    from .index.facade import check_store_directory
 
-    if not create and not (Path(args.store) / "docs").is_dir():
+    exists = check_store_directory(args.store)  # a file or a foreign directory is refused before loading the model
+    if not create and not exists:
         raise InputError(f"{args.store} holds no index; build one with `sharedctx index add --store {args.store} PATH...`")
     _apply_manifest(args)
     llm = _load(args)
@@ -125,8 +161,12 @@ def _open_index(args, *, create: bool):
         options["max_injected_states"] = args.max_injected_states
     if getattr(args, "size_limit", None):
         options["size_limit"] = int(args.size_limit * 2**20)
+    # policy and encode mode: as given, else the ones the index was built with (ContextIndex reads its manifest)
+    if args.policy is not None:
+        options["policy"] = args.policy
     if getattr(args, "lazy", False):
         options["encode"] = "lazy"
+        options.setdefault("policy", "lexical")
     return llm, ContextIndex(llm, args.store, **options)
 
 
@@ -134,7 +174,7 @@ def _cmd_index_add(args) -> int:
     t0 = time.perf_counter()
     llm, index = _open_index(args, create=True)
     t_load = time.perf_counter()
-    report = index.add_many(args.paths, show_progress=sys.stderr.isatty() and not args.json)
+    report = index.add_many(args.paths, show_progress=sys.stderr.isatty() and not args.json, follow_links=args.follow_links)
     payload = report.to_dict()
     payload["timings"] = {"load_s": round(t_load - t0, 4), "build_s": round(time.perf_counter() - t_load, 4)}
     payload["store"] = str(index.directory)
@@ -150,7 +190,10 @@ def _cmd_index_add(args) -> int:
         )
         for path, reason in report.skipped:
             print(f"skipped {path}: {reason}", file=sys.stderr)
-    return 0 if report.documents or not report.skipped else 1
+        for path, reason in report.failed:
+            print(f"failed {reason}", file=sys.stderr)
+    # files that could not be read are an error (after all the others were added); files that are not text are not
+    return 1 if report.failed or (report.skipped and not report.documents) else 0
 
 
 def _cmd_index_list(args) -> int:
@@ -192,11 +235,51 @@ def _cmd_index_remove(args) -> int:
     return 0
 
 
+def _cmd_index_prune(args) -> int:
+    from .errors import InputError
+    from .index import DocumentTable
+    from .index.facade import check_store_directory, prune_store
+    from .index.store import TreeStore
+
+    if not check_store_directory(args.store):
+        raise InputError(f"{args.store} holds no index")
+    table = DocumentTable(args.store)
+    store = TreeStore(Path(args.store) / "nodes", size_limit=_size_limit(Path(args.store) / "nodes"))
+    before = store.blobs.volume()
+    removed = prune_store(table, store)
+    freed = before - store.blobs.volume()
+    store.close()
+    table.close()
+    if args.json:
+        print(json.dumps({"store": str(args.store), "chunks_removed": removed, "bytes_freed": freed}, indent=2))
+    else:
+        print(f"removed {removed} chunks no document refers to ({freed / 2**20:.1f} MiB)")
+    return 0
+
+
+def _size_limit(nodes: Path) -> int:
+    """The size limit a node store was opened with last (kept, not reset, by a command that takes none)."""
+    import sqlite3
+
+    from .index.store import DEFAULT_SIZE_LIMIT
+
+    try:
+        with sqlite3.connect(f"file:{nodes / 'cache.db'}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT value FROM Settings WHERE key = 'size_limit'").fetchone()
+    except sqlite3.Error:
+        row = None
+    return int(row[0]) if row else DEFAULT_SIZE_LIMIT
+
+
 def _cmd_ask_store(args) -> int:
     t0 = time.perf_counter()
     llm, index = _open_index(args, create=bool(args.file))
+    report = None
     if args.file:
-        index.add_many(args.file, show_progress=False)
+        report = index.add_many(args.file, show_progress=False, follow_links=args.follow_links)
+        for path, reason in report.skipped + report.failed:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+    failed = bool(report and (report.failed or report.skipped))
     t_load = time.perf_counter()
     stream = sys.stdout.isatty() and not args.json
     if not llm.adapter_trained and not args.json and args.mode != "text":
@@ -227,7 +310,7 @@ def _cmd_ask_store(args) -> int:
         if not llm.adapter_trained and args.mode != "text":
             payload["warning"] = UNTRAINED_NOTE
         print(json.dumps(payload, indent=2))
-        return 0
+        return 1 if failed else 0
     print() if stream else print(answer)
     print("\nsources:")
     for i, c in enumerate(citations[: args.show_citations]):
@@ -238,7 +321,7 @@ def _cmd_ask_store(args) -> int:
         f"{stats['chunks_encoded']} encoded; {timings['total_s']:.2f} s)",
         file=sys.stderr,
     )
-    return 0
+    return 1 if failed else 0
 
 
 def _cmd_train(args) -> int:
@@ -271,12 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer a question about files, reading them through the context tree")
     ask.add_argument("question")
-    ask.add_argument("--file", action="append", default=[], metavar="PATH", help="a text file to read (repeatable)")
+    ask.add_argument("--file", action="append", default=[], metavar="PATH",
+                     help="a text file to read (repeatable); one that cannot be read is skipped and listed, and the exit code is 1")
     _add_model_args(ask)
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--json", action="store_true", help="print {answer, stats, timings} as JSON")
-    ask.add_argument("--store", default=None, metavar="DIR", help="answer from the index in DIR (see `sharedctx index`)")
+    ask.add_argument("--store", default=None, metavar="DIR",
+                     help="answer from the index in DIR (see `sharedctx index`), with its policy unless --policy is given; "
+                          "with --file, add the files to it first")
+    ask.add_argument("--follow-links", action="store_true", help="with --store --file DIR: follow symbolic links that leave DIR")
     ask.add_argument("--mode", choices=["latent", "text", "hybrid"], default="latent", help="with --store: how the answer reads the index")
     ask.add_argument("--top-k", type=int, default=None, help="with --store: chunks injected at most (default 8)")
     ask.add_argument("--max-injected-states", type=int, default=None, help="with --store: budget of injected states")
@@ -285,13 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="build and inspect a document index (encode once, query many times)")
     isub = index.add_subparsers(dest="index_command", required=True)
-    add = isub.add_parser("add", help="add files and directories to the index in --store DIR")
+    add = isub.add_parser(
+        "add", help="add files and directories to the index in --store DIR",
+        description="Add files and directories (recursively, hidden entries skipped) to the index in --store DIR. "
+        "Files that are not text are skipped and listed; files that cannot be read are listed and make the exit code 1 "
+        "(the others are added). DIR must be new, empty, or an index: a non-empty directory without one is refused.",
+    )
     add.add_argument("paths", nargs="+", metavar="PATH")
-    add.add_argument("--store", required=True, metavar="DIR")
+    add.add_argument("--store", required=True, metavar="DIR", help="the index directory (created private, 0700, when new)")
+    add.add_argument("--follow-links", action="store_true", help="follow symbolic links that lead outside a directory being added")
     add.add_argument("--size-limit", type=float, default=None, metavar="MiB", help="node store size limit (default 4096)")
     add.add_argument("--json", action="store_true", help="print the build report as JSON")
     add.add_argument("--lazy", action="store_true",
-                     help="store text only and encode a chunk when a latent query first needs it (needs --policy lexical)")
+                     help="store text only and encode a chunk when a latent query first needs it (implies --policy lexical); "
+                          "the index remembers it, and its policy, for `ask --store`")
     _add_model_args(add)
     add.set_defaults(func=_cmd_index_add)
     lst = isub.add_parser("list", help="list the documents of an index")
@@ -302,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("doc_ids", nargs="+", metavar="DOC_ID")
     rm.add_argument("--store", required=True, metavar="DIR")
     rm.set_defaults(func=_cmd_index_remove)
+    prune = isub.add_parser(
+        "prune", help="delete stored nodes no document refers to (left by `index remove`); safe while others read the index"
+    )
+    prune.add_argument("--store", required=True, metavar="DIR")
+    prune.add_argument("--json", action="store_true")
+    prune.set_defaults(func=_cmd_index_prune)
 
     train = sub.add_parser("train", help="train an injection adapter from a recipe (TOML, JSON or YAML)")
     train.add_argument("--config", required=True, metavar="FILE", help="recipe file, e.g. recipes/smollm2-cpu.toml")
@@ -333,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SharedCtxError, ModelLoadError, ValueError) as exc:
         print(f"sharedctx: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nsharedctx: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,8 +12,8 @@ import inspect
 import logging
 import threading
 from collections import defaultdict
-from contextlib import nullcontext
-from typing import Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -60,6 +60,18 @@ class LowerEncoder:
         #: buffers; ``"auto"`` asks `sharedctx.ops.resolve_sampler` for one registered for the device (the
         #: optional sharedctx-kernels registers a Triton one for CUDA); None always gathers with ``index_select``
         self.sample_kv = "auto"
+        self._progress = threading.local()
+
+    @contextmanager
+    def reporting(self, progress: Any) -> Iterator[None]:
+        """Inside the block, every pass this thread runs calls ``progress.update(tokens)`` (e.g. a tqdm bar):
+        progress of encoding done deep inside a call, such as the nodes `SharedLLM.stream` selects."""
+        previous = getattr(self._progress, "sink", None)
+        self._progress.sink = progress
+        try:
+            yield
+        finally:
+            self._progress.sink = previous
 
     # ------------------------------------------------------------------ one batched pass
     @property
@@ -165,6 +177,8 @@ class LowerEncoder:
         after it, every sampled state lies inside its span and the key is read at the span's own last token.
         """
         cfg = self.config
+        if progress is None:
+            progress = getattr(self._progress, "sink", None)
         out: list[NodeStates | None] = [None] * len(spans)
         n_layers = cfg.injection_layers if full else 1
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.inner.layers[0].parameters())

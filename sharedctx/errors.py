@@ -11,6 +11,7 @@ __all__ = [
     "ContextMismatchError",
     "PromptTooLongError",
     "InputError",
+    "UnreadableFileError",
     "ModelLoadError",
     "UnsupportedModelError",
     "TreeFormatError",
@@ -59,6 +60,10 @@ class PromptTooLongError(SharedCtxError, ValueError):
 
 class InputError(SharedCtxError, ValueError):
     """Input that cannot be read as text (binary, not UTF-8) or is otherwise unusable."""
+
+
+class UnreadableFileError(InputError):
+    """A file exists but cannot be read (no permission, an I/O error, a broken link)."""
 
 
 # ---------------------------------------------------------------------- stores and indexes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -49,3 +50,60 @@ def test_ask_plain_prints_untrained_note(model_dir, tmp_path, capsys):
     assert "untrained" in capsys.readouterr().err
     assert main(["ask", "--file", str(doc), "--model", str(model_dir), "q"]) == 2
     assert "injection_layers=4 exceeds" in capsys.readouterr().err
+
+
+def test_policy_help_shows_the_effective_default(capsys):
+    from sharedctx.adapter_files import ADAPTER_CONFIG, default_adapter_path
+
+    shipped = json.loads((default_adapter_path() / ADAPTER_CONFIG).read_text())["config"]["policy"]
+    with pytest.raises(SystemExit):
+        main(["ask", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"Default: the adapter's own ({shipped} for the default model's shipped adapter" in text
+    assert "node keys, default" not in text
+
+
+def test_ask_skips_an_unreadable_file_and_exits_nonzero(model_dir, tmp_path, capsys, monkeypatch):
+    from test_index_inputs import unreadable
+
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("The lantern of Harrow Point is green. " * 10)
+    bad.write_text("secret")
+    unreadable(monkeypatch, "bad.txt")
+    argv = ["ask", "--file", str(bad), "--file", str(good), "--model", str(model_dir), "--injection-layers", "2", "--json", "--max-new-tokens", "2"]
+    assert main([*argv, "What colour?"]) == 1
+    out = capsys.readouterr()
+    assert json.loads(out.out)["stats"]["chunks"] == 1 and "bad.txt: cannot be read" in out.err
+    assert main(["ask", "--file", str(bad), "--model", str(model_dir), "q"]) == 2  # nothing left to read
+    assert "no text to read" in capsys.readouterr().err
+
+
+def test_empty_question_refused_the_same_way_before_loading(tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("short context")
+    missing_model = str(tmp_path / "no-model")  # the question is checked before the model is looked for
+    for where in (["--file", str(doc)], ["--store", str(tmp_path / "ix")]):
+        for question in ("", "  \n"):
+            assert main(["ask", *where, "--model", missing_model, question]) == 2
+            assert "question is empty" in capsys.readouterr().err
+
+
+def test_long_ask_file_shows_progress_and_ctrl_c_exits_cleanly(model_dir, tmp_path, capsys, monkeypatch):
+    from sharedctx.model import SharedLLM
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The lantern of Harrow Point is green. " * 300)
+    argv = ["ask", "--file", str(doc), "--model", str(model_dir), "--injection-layers", "2", "--chunk-size", "256", "--max-new-tokens", "2", "q"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "encoding nodes of 11,400 context tokens" in err and "tok/s" in err
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(SharedLLM, "stream", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "sharedctx: interrupted" and "Traceback" not in err

@@ -45,7 +45,7 @@ def llm():
 def build(llm, directory, docs=3, **kw):
     index = ContextIndex(llm, directory, **kw)
     for i in range(docs):
-        index.add(document(i), doc_id=f"doc{i}", metadata={"n": i})
+        index.add_text(document(i), doc_id=f"doc{i}", metadata={"n": i})
     return index
 
 
@@ -97,13 +97,13 @@ def test_local_edit_changes_few_chunks_unlike_fixed_chunking(llm):
 # ---------------------------------------------------------------------- build once, reuse
 def test_hit_miss_and_second_build_encodes_nothing(llm, tmp_path):
     index = build(llm, tmp_path / "ix")
-    results = [index.add(document(i), doc_id=f"doc{i}", metadata={"n": i}) for i in range(3)]
+    results = [index.add_text(document(i), doc_id=f"doc{i}", metadata={"n": i}) for i in range(3)]
     assert all(r.unchanged and r.chunks_encoded == 0 for r in results)
     index.close()
     passes = llm.encoder.passes
     fresh = ContextIndex.load(tmp_path / "ix", llm)
-    again = [fresh.add(document(i), doc_id=f"doc{i}", metadata={"n": i}) for i in range(3)]
-    other_id = fresh.add(document(1), doc_id="copy-of-doc1")
+    again = [fresh.add_text(document(i), doc_id=f"doc{i}", metadata={"n": i}) for i in range(3)]
+    other_id = fresh.add_text(document(1), doc_id="copy-of-doc1")
     assert llm.encoder.passes == passes  # the lower model never ran
     assert all(r.chunks_encoded == 0 for r in again + [other_id]) and other_id.chunks_reused == other_id.chunks
     assert fresh.store.stats["misses"] == 0
@@ -113,7 +113,7 @@ def test_first_build_encodes_each_distinct_chunk_once(llm, tmp_path):
     index = ContextIndex(llm, tmp_path / "ix")
     text = document(7) + document(7)  # the same content twice in one document
     distinct = {tuple(c.ids.tolist()) for c in chunk_text(text, llm.tokenizer, 64)}
-    r = index.add(text)
+    r = index.add_text(text)
     assert r.chunks_encoded == len(distinct) < r.chunks
     assert r.chunks_encoded + r.chunks_reused == r.chunks
     assert len(index.store) == len(distinct)
@@ -122,10 +122,10 @@ def test_first_build_encodes_each_distinct_chunk_once(llm, tmp_path):
 def test_insert_and_edit_encode_only_new_chunks(llm, tmp_path):
     index = build(llm, tmp_path / "ix", docs=2)
     passes = llm.encoder.passes
-    r = index.add(document(9), doc_id="doc9")
+    r = index.add_text(document(9), doc_id="doc9")
     assert r.chunks_encoded == r.chunks and llm.encoder.passes > passes
     edited = document(9).replace("Section 9.15:", "Section 9.15 (rewritten):", 1)
-    r2 = index.add(edited, doc_id="doc9")
+    r2 = index.add_text(edited, doc_id="doc9")
     assert r2.replaced and 1 <= r2.chunks_encoded <= 3 and r2.chunks_reused >= r2.chunks - 3
     assert [d.doc_id for d in index.documents()] == ["doc0", "doc1", "doc9"]
 
@@ -133,7 +133,7 @@ def test_insert_and_edit_encode_only_new_chunks(llm, tmp_path):
 def test_store_states_equal_core_encoding(llm, tmp_path):
     index = ContextIndex(llm, tmp_path / "ix")
     text = document(3, paragraphs=4)
-    index.add(text, doc_id="d")
+    index.add_text(text, doc_id="d")
     chunk = next(chunk_text(text, llm.tokenizer, 64))
     tree = llm.encode(chunk.ids)
     stored = index.store.get_chunk(index.store.key(chunk.ids))
@@ -148,7 +148,7 @@ def test_store_states_equal_core_encoding(llm, tmp_path):
 def test_single_chunk_answer_equals_core_generation(llm, tmp_path):
     index = ContextIndex(llm, tmp_path / "ix", top_k=1)
     text = "The lantern is green.\nThe keeper is old.\n"  # one chunk: the index reads exactly what the core reads
-    index.add(text)
+    index.add_text(text)
     q = "What colour is the lantern?"
     ans = index.query(q, max_new_tokens=8)
     assert ans.text == llm.generate(q, context=text, max_new_tokens=8)
@@ -251,7 +251,7 @@ def _build_in_process(directory: str, seed: int) -> None:
     index = ContextIndex(mk(gates=1.0, **CFG), directory)
     order = [0, 1, 2, 3] if seed == 0 else [3, 2, 1, 0]
     for i in order:
-        index.add(document(i), doc_id=f"doc{i}")
+        index.add_text(document(i), doc_id=f"doc{i}")
     index.close()
 
 
@@ -272,7 +272,7 @@ def test_two_processes_building_one_store_end_consistent(llm, tmp_path):
     assert index.store.stats["corrupt"] == 0 and index.store.stats["refused"] == 0
     passes = llm.encoder.passes
     for i in range(4):
-        assert index.add(document(i), doc_id=f"doc{i}").chunks_encoded == 0
+        assert index.add_text(document(i), doc_id=f"doc{i}").chunks_encoded == 0
     ans = index.query(QUESTIONS[0], max_new_tokens=3)
     assert ans.stats["chunks_encoded"] == 0 and llm.encoder.passes - passes == 1  # only the query key pass
 
@@ -341,7 +341,7 @@ def test_lazy_index_encodes_nothing_to_add_and_retrieve_and_equals_eager(llm, tm
     monkeypatch.setattr(llm.encoder, "encode_chunks", lambda chunks: calls.append(len(chunks)) or real(chunks))
     lazy = ContextIndex(llm, tmp_path / "lazy", policy="lexical", encode="lazy")
     for i in range(3):
-        r = lazy.add(document(i), doc_id=f"doc{i}", metadata={"n": i})
+        r = lazy.add_text(document(i), doc_id=f"doc{i}", metadata={"n": i})
         assert r.chunks_encoded == 0 and r.chunks_deferred == r.chunks > 1
     for q in QUESTIONS[:6]:  # retrieval and text-mode answers: no lower-model pass at all, the same results
         cites = [(c.doc_id, c.chunk, c.level, c.index, c.score, c.n_states, c.text) for c in lazy.retrieve(q)]
@@ -367,3 +367,19 @@ def test_lazy_index_encodes_nothing_to_add_and_retrieve_and_equals_eager(llm, tm
     with pytest.raises(ValueError, match="'eager' or 'lazy'"):
         ContextIndex(llm, tmp_path / "y", policy="lexical", encode="later")
     eager.close()
+
+
+def test_prune_reclaims_removed_nodes_and_spares_documents_other_processes_added(llm, tmp_path):
+    pruner = ContextIndex(llm, tmp_path / "ix")
+    pruner.add_text(document(0), doc_id="gone")
+    other = ContextIndex(llm, tmp_path / "ix")  # another process: its view of the table is its own
+    other.add_text(document(1), doc_id="kept")
+    reader = ContextIndex(llm, tmp_path / "ix")  # a reader holding the record of "kept"
+    kept = reader.table.get("kept").chunk_keys
+    pruner.delete("gone")
+    removed = pruner.prune()  # pruner never saw "kept": the table on disk is read right before deleting
+    assert removed > 0 and all(k in pruner.store for k in kept)
+    assert pruner.prune() == 0
+    reader.refresh()  # it sees "gone" removed (a reader still querying "gone" would encode its chunks again)
+    ans = reader.query("What colour is the lantern of Harrow point?", max_new_tokens=2)
+    assert ans.stats.chunks_encoded == 0 and ans.stats.chunks_cached > 0  # nothing it reads was lost

@@ -87,5 +87,84 @@ def test_lazy_index_add_then_ask(model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["stats"]["chunks_encoded"] == 0  # text mode reads no states
     assert main(["ask", "--store", store, "--model", model_dir, "--policy", "lexical", "--json", "--max-new-tokens", "3", "Which point?"]) == 0
     assert json.loads(capsys.readouterr().out)["stats"]["chunks_encoded"] > 0  # latent: encoded on first use
-    assert main(["index", "add", "--store", store, str(docs), "--model", model_dir, "--lazy"]) == 2  # the model's policy is 'query'
+    assert main(["index", "add", "--store", str(tmp_path / "new"), str(docs), "--model", model_dir, *MODEL, "--lazy", "--policy", "query"]) == 2
     assert "needs policy='lexical'" in capsys.readouterr().err
+
+
+def test_lazy_store_remembers_its_policy_and_encode_mode(model_dir, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "d0.txt").write_text(document(0, paragraphs=8))
+    store = str(tmp_path / "lazy")
+    assert main(["index", "add", "--store", store, str(docs), "--model", model_dir, *MODEL, "--lazy", "--policy", "lexical"]) == 0
+    capsys.readouterr()
+    assert main(["index", "list", "--store", store, "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)["manifest"]
+    assert (manifest["policy"], manifest["encode"]) == ("lexical", "lazy")
+    # no --policy: the store's own (the model's would be 'query', which a lazy store cannot rank by)
+    assert main(["ask", "--store", store, "--model", model_dir, "--json", "--max-new-tokens", "2", "Which point?"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["chunks_encoded"] > 0  # lazy: encoded on first latent use
+    (docs / "d1.txt").write_text(document(1, paragraphs=8))
+    assert main(["index", "add", "--store", store, str(docs), "--model", model_dir, "--json"]) == 0  # still lazy
+    assert json.loads(capsys.readouterr().out)["chunks_deferred"] > 0
+
+
+def test_store_naming_a_file_or_a_foreign_directory_is_refused_before_loading(tmp_path, capsys):
+    import os
+    import stat
+
+    doc = tmp_path / "a.txt"
+    doc.write_text(document(0, paragraphs=2))
+    no_model = str(tmp_path / "no-model")  # reaching the model would fail differently
+    for argv in (["index", "add", "--store", str(doc), str(doc)], ["ask", "--store", str(doc), "q"], ["ask", "--store", str(doc), "--file", str(doc), "q"]):
+        assert main([*argv, "--model", no_model]) == 2
+        assert "is a file, not a directory" in capsys.readouterr().err
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    home.chmod(0o755)
+    assert main(["index", "add", "--store", str(home), str(doc), "--model", no_model]) == 2
+    assert "not empty and holds no sharedctx index" in capsys.readouterr().err
+    assert os.listdir(home) == ["notes.txt"] and stat.S_IMODE(home.stat().st_mode) == 0o755
+
+
+def test_unreadable_file_and_links_in_index_add(model_dir, tmp_path, capsys, monkeypatch):
+    from test_index_inputs import unreadable
+
+    docs, outside = tmp_path / "docs", tmp_path / "outside"
+    docs.mkdir()
+    outside.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (docs / name).write_text(document(ord(name[0]), paragraphs=3))
+    (outside / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (docs / "passwd").symlink_to(outside / "passwd")
+    unreadable(monkeypatch, "b.txt")
+    store = str(tmp_path / "store")
+    assert main(["index", "add", "--store", store, str(docs), "--model", model_dir, *MODEL]) == 1  # after adding the rest
+    err = capsys.readouterr().err
+    assert "b.txt: cannot be read" in err and "passwd: a symbolic link to" in err and "--follow-links" in err
+    assert main(["index", "list", "--store", store]) == 0
+    listed = capsys.readouterr().out
+    assert "a.txt" in listed and "c.txt" in listed and "passwd" not in listed and "2 documents" in listed
+    assert main(["index", "add", "--store", store, str(docs), "--model", model_dir, "--follow-links", "--json"]) == 1
+    added = [r["doc_id"] for r in json.loads(capsys.readouterr().out)["added"]]
+    assert any(d.endswith("passwd") for d in added)
+
+
+def test_index_prune(model_dir, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(2):
+        (docs / f"d{i}.txt").write_text(document(i, paragraphs=6))
+    store = str(tmp_path / "store")
+    assert main(["index", "add", "--store", store, str(docs), "--model", model_dir, *MODEL]) == 0
+    assert main(["index", "remove", "--store", store, str(docs / "d0.txt")]) == 0
+    capsys.readouterr()
+    assert main(["index", "prune", "--store", store, "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["chunks_removed"] > 0
+    assert main(["index", "prune", "--store", store]) == 0
+    assert "removed 0 chunks" in capsys.readouterr().out
+    assert main(["ask", "--store", store, "--model", model_dir, "--json", "--max-new-tokens", "2", "Which point?"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["chunks_encoded"] == 0  # what the kept document reads is there
+    assert main(["index", "prune", "--store", str(tmp_path / "none")]) == 2

@@ -75,9 +75,9 @@ def test_index_with_lexical_policy_ranks_and_cites_the_needle(tmp_path):
     llm = make_llm(gates=1.0, policy="lexical", chunk_size=256, tree_height=3, node_keep=4)
     index = ContextIndex(llm, tmp_path / "ix", top_k=1)
     for i in range(3):
-        index.add((FILLER * 20) + f"Document {i} ends. ", doc_id=f"plain{i}")
+        index.add_text((FILLER * 20) + f"Document {i} ends. ", doc_id=f"plain{i}")
     text, _ = _text_with_needle(2000, 0.6, " zebra lantern ")
-    index.add(text, doc_id="needle")
+    index.add_text(text, doc_id="needle")
     cites = index.retrieve("Where does the zebra lantern glow?")
     assert {c.doc_id for c in cites} == {"needle"}
     best = cites[0]
@@ -94,7 +94,7 @@ def test_expand_margin_with_lexical_scores(tmp_path):
     llm = make_llm(gates=1.0, policy="lexical", chunk_size=256, tree_height=3, node_keep=4)
     index = ContextIndex(llm, tmp_path / "ix", top_k=4, expand_margin=0.0)
     text, _ = _text_with_needle(1000, 0.3, " zebra lantern ")
-    index.add(text)
+    index.add_text(text)
     cites = index.retrieve("Where does the zebra lantern glow?")
     # siblings tie at 0 away from the needle, so they are expanded both: more leaves than a single walk keeps
     assert sum(c.level == 3 for c in cites) > 2
@@ -105,9 +105,9 @@ def test_index_policy_overrides_the_model_policy(tmp_path):
     llm = make_llm(gates=1.0, policy="right", chunk_size=256, tree_height=3, node_keep=4)
     index = ContextIndex(llm, tmp_path / "ix", top_k=1, policy="lexical")
     for i in range(3):
-        index.add((FILLER * 20) + f"Document {i} ends. ", doc_id=f"plain{i}")
+        index.add_text((FILLER * 20) + f"Document {i} ends. ", doc_id=f"plain{i}")
     text, _ = _text_with_needle(2000, 0.6, " zebra lantern ")
-    index.add(text, doc_id="needle")
+    index.add_text(text, doc_id="needle")
     best = index.retrieve("Where does the zebra lantern glow?")[0]
     assert best.doc_id == "needle" and "zebra" in best.text and best.level == 3
     assert llm.config.policy == "right"  # the model is untouched

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import DocumentNotFoundError, InputError
+from ..errors import DocumentNotFoundError, InputError, UnreadableFileError
 from .results import DocumentInfo
 from .store import BlobCache, StoreError, StoreMismatchError, UnsafeEntryError
 
@@ -115,6 +115,12 @@ class DocumentTable:
                 f"{manifest['fingerprint']} ({manifest.get('base', '?')}) with {manifest['signature']}. Open it with the "
                 "model and options it was built with, or build a new index in another directory"
             )
+
+    def remember(self, **options: Any) -> None:
+        """Record query-side options (``policy``, ``encode``) in the manifest: the index is opened with them next time."""
+        held = self.manifest() or {}
+        if any(held.get(k) != v for k, v in options.items()):
+            self._blobs.set_raw("manifest", json.dumps({**held, **options}, sort_keys=True).encode())
 
     def ids(self) -> list[str]:
         return [k[4:] for k in self._blobs.keys("doc/")]
@@ -221,8 +227,11 @@ def read_document(path: str | os.PathLike) -> str:
     if path.is_dir():
         raise InputError(f"{path} is a directory: use add_many() (or `sharedctx index add DIR`) to add the files in it")
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    data = path.read_bytes()
+        raise InputError(f"{path}: no such file" + (" (a broken symbolic link)" if path.is_symlink() else ""))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UnreadableFileError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions") from exc
     if b"\x00" in data[:65536]:
         raise InputError(f"{path}: looks like a binary file (it contains NUL bytes); give a text file")
     try:
@@ -234,17 +243,29 @@ def read_document(path: str | os.PathLike) -> str:
     return text
 
 
-def _iter_files(path: Path) -> Iterator[Path]:
-    if path.is_dir():
-        for root, dirs, files in os.walk(path, followlinks=False):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if not name.startswith("."):
-                    yield Path(root) / name
-    else:
-        yield path
-
-
-def _looks_like_path(item: str) -> bool:
-    """A string names a path when it is short, on one line and exists."""
-    return len(item) < 4096 and "\n" not in item and "\0" not in item and os.path.exists(item)
+def _iter_files(path: Path, *, follow_links: bool = False) -> Iterator[tuple[Path, str | None]]:
+    """The files under ``path`` (hidden entries skipped), each with None or the reason it is left out: without
+    ``follow_links``, a symbolic link whose target lies outside ``path`` is left out, and linked folders are not
+    entered. A file named directly is always taken."""
+    if not path.is_dir():
+        yield path, None
+        return
+    root = path.resolve()
+    seen: set[Path] = set()
+    for here, dirs, files in os.walk(path, followlinks=follow_links):
+        real = Path(here).resolve()
+        if real in seen:  # a followed link back up the tree would be walked forever
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            file = Path(here) / name
+            if not follow_links and file.is_symlink():
+                target = file.resolve()
+                if not target.is_relative_to(root):
+                    yield file, f"a symbolic link to {target}, outside {path}; pass --follow-links (follow_links=True) to index it"
+                    continue
+            yield file, None

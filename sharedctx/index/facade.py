@@ -33,7 +33,7 @@ import torch
 
 from ..concurrency import MicroBatcher
 from ..config import POLICIES
-from ..errors import InputError, StoreError
+from ..errors import InputError, StoreError, UnreadableFileError
 from ..generation import SAMPLING_FIELDS, AnswerStats, SamplingOptions, Timings
 from ..injection import Injection
 from ..model import SharedLLM
@@ -43,7 +43,6 @@ from .documents import (
     QuarantinedDocument,
     _Doc,
     _iter_files,
-    _looks_like_path,
     read_document,
 )
 from .ingest import ChunkCounts, chunk_nodes, ingest_text
@@ -51,7 +50,7 @@ from .results import AddResult, Answer, BuildReport, Citation, DocumentInfo
 from .retrieval import Forest, retrieve, text_prompt
 from .store import DEFAULT_SIZE_LIMIT, TreeStore
 
-__all__ = ["ContextIndex"]
+__all__ = ["ContextIndex", "check_store_directory", "prune_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +72,75 @@ class _Prepared:
     t_retrieved: float
 
 
+# ---------------------------------------------------------------------- the directory
+def check_store_directory(directory: str | os.PathLike) -> bool:
+    """Check that ``directory`` can hold an index, without creating anything; True when it holds one already.
+
+    sharedctx builds only into a directory it creates, an empty one, or one holding an index it built: a regular
+    file, or a non-empty directory without an index (``/tmp``, a home folder, a project), raises `StoreError`
+    before any work, so nothing foreign is filled or has its permissions changed.
+    """
+    path = Path(directory)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise StoreError(f"{path} is a file, not a directory: give a new directory (or an index's) for --store / store=")
+    if (path / "docs").is_dir():
+        return True
+    try:
+        foreign = next(iter(os.scandir(path)), None)
+    except OSError as exc:
+        raise StoreError(f"cannot read the directory {path}: {exc.strerror or exc}; check its permissions") from exc
+    if foreign is not None:
+        raise StoreError(
+            f"{path} is not empty and holds no sharedctx index (it has {foreign.name!r}); sharedctx builds only into a "
+            f"new or empty directory: give one, e.g. {path / 'sharedctx-index'}"
+        )
+    return False
+
+
+def _make_store_directory(directory: Path) -> None:
+    """Create the index directory private (0700); one that exists (checked by `check_store_directory`) is left as it is."""
+    if check_store_directory(directory) or directory.is_dir():
+        return
+    try:
+        directory.mkdir(parents=True, mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode is narrowed by the umask: make it exact
+    except FileExistsError:
+        check_store_directory(directory)  # made by another process meanwhile
+    except OSError as exc:
+        raise StoreError(f"cannot create the index directory {directory}: {exc.strerror or exc}; check the permissions of its parent") from exc
+
+
+def prune_store(table: DocumentTable, store: TreeStore, *, keep: Iterable[str] = ()) -> int:
+    """Delete the chunks of ``store`` that no document of ``table`` (nor ``keep``) refers to; returns how many.
+
+    Safe against concurrent readers and builders of the same directory: the document table is read from disk right
+    before deleting, so a chunk of any document recorded by then (in any process) is kept. A reader holding the
+    record of a document removed earlier, or a builder that has stored nodes but not yet its record, finds them
+    missing and encodes them again (as after an eviction): never a wrong answer.
+    """
+    keep = set(keep)
+    candidates = [k for k in store.chunk_keys() if k not in keep]
+    if not candidates:
+        return 0
+    live = set(keep)
+    for doc_id in table.ids():  # the table on disk now, not an earlier view of it
+        doc = table.get(doc_id)
+        if doc is not None:
+            live.update(doc.chunk_keys)
+    return sum(bool(store.delete(k)) for k in candidates if k not in live)
+
+
 # ---------------------------------------------------------------------- the index
 class ContextIndex:
     """Documents as a forest of chunk trees, encoded once into a `TreeStore`, queried many times.
 
     Args:
         llm: the `SharedLLM` that encodes and reads.
-        store: the index directory (created private); None makes a temporary one, removed with the index.
+        store: the index directory: a new one (created private, 0700), an empty one, or one holding an index; a
+            file or a non-empty directory without an index raises `StoreError`. None makes a temporary one,
+            removed with the index.
         size_limit: bytes the node store may take before evicting least recently used chunks (evicted chunks
             are encoded again when a query needs them).
         top_k: chunks injected per query at most.
@@ -91,7 +152,8 @@ class ContextIndex:
         max_batch_queries: `query` calls made at the same time from several threads share one batched forward
             (prefill and decoding), at most this many per batch; 1 runs each call on its own.
         batch_wait_s: how long a query arriving at an idle model waits for others to share its batch.
-        policy: how chunks are ranked and trees walked for a question (default: the model's ``config.policy``).
+        policy: how chunks are ranked and trees walked for a question (default: the policy the index was built
+            with, recorded in its manifest; for a new index, the model's ``config.policy``).
             ``lexical`` ranks chunks and expands children by BM25 of their text for the question's words;
             ``query`` by cosine of hidden-state keys (the paper's); ``right``/``left``/``random`` rank by keys and
             walk blindly. `benchmarks/bench_selection.py` measures how often each puts the answer's chunk first.
@@ -99,6 +161,8 @@ class ContextIndex:
             many times"); ``lazy`` (with the ``lexical`` policy, which needs no keys) adds only the text and
             encodes a chunk the first time a ``latent`` or ``hybrid`` query injects it, so building an index for
             `retrieve` and ``text`` mode costs tokenising only. Chunks encoded later are stored like any other.
+            Default: the mode the index was built with (``eager`` for a new one). A ``policy`` or ``encode`` given
+            explicitly is recorded in the manifest when this index adds a document, for the next opening.
     """
 
     def __init__(
@@ -115,7 +179,7 @@ class ContextIndex:
         max_batch_queries: int = 8,
         batch_wait_s: float = 0.002,
         policy: str | None = None,
-        encode: str = "eager",
+        encode: str | None = None,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -123,7 +187,20 @@ class ContextIndex:
             raise ValueError(f"batch_chunks must be >= 1, got {batch_chunks}")
         if max_batch_queries < 1:
             raise ValueError(f"max_batch_queries must be >= 1, got {max_batch_queries}")
-        policy = llm.config.policy if policy is None else policy
+        if llm.tokenizer is None:
+            raise ValueError("a ContextIndex needs a SharedLLM with a tokenizer (documents are text)")
+        held: dict[str, Any] = {}
+        if store is not None and check_store_directory(store):  # nothing is created before the options are checked
+            table = DocumentTable(store)
+            held = table.manifest() or {}
+            table.close()
+        self._options = {k: v for k, v in (("policy", policy), ("encode", encode)) if v is not None}  # given, to record
+        if policy is None:
+            policy = held.get("policy") or llm.config.policy
+        if encode is None:
+            encode = held.get("encode") or "eager"
+            if encode == "lazy" and policy != "lexical":
+                encode = "eager"  # asked for a key-based policy: new documents get keys; lazy ones say what to do
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if expand_margin is not None and policy not in ("query", "lexical"):
@@ -137,9 +214,9 @@ class ContextIndex:
                 "makes; use encode='eager' with it"
             )
         self.encode = encode
-        if llm.tokenizer is None:
-            raise ValueError("a ContextIndex needs a SharedLLM with a tokenizer (documents are text)")
         self.llm = llm
+        if store is not None:
+            _make_store_directory(Path(store))
         self._tmp = tempfile.TemporaryDirectory(prefix="sharedctx-index-") if store is None else None
         self.directory = Path(self._tmp.name if self._tmp else store)
         self.top_k = top_k
@@ -150,7 +227,6 @@ class ContextIndex:
         self.signature = llm.config.lower_signature()
         self.fingerprint = llm.fingerprint
         self.table = DocumentTable(self.directory)
-        os.chmod(self.directory, 0o700)
         self.table.bind(self._manifest())
         self.store = TreeStore(self.directory / "nodes", size_limit=size_limit, fingerprint=self.fingerprint, signature=self.signature)
         self._lock = threading.RLock()
@@ -167,13 +243,21 @@ class ContextIndex:
 
     def _manifest(self) -> dict[str, Any]:
         base = getattr(self.llm.base.config, "_name_or_path", "") or ""
-        return {"format": _FORMAT, "fingerprint": self.fingerprint, "signature": self.signature, "base": str(base)}
+        return {
+            "format": _FORMAT,
+            "fingerprint": self.fingerprint,
+            "signature": self.signature,
+            "base": str(base),
+            "policy": self.policy,
+            "encode": self.encode,
+        }
 
     @classmethod
     def load(cls, directory: str | os.PathLike, llm: SharedLLM, **options: Any) -> ContextIndex:
-        """Open an index built before; refuses one built by another base model or lower-side configuration."""
+        """Open an index built before, with the policy and encode mode it was built with unless ``options`` say
+        otherwise; refuses one built by another base model or lower-side configuration."""
         directory = Path(directory)
-        if not (directory / "docs").is_dir() or DocumentTable(directory).manifest() is None:
+        if not check_store_directory(directory) or DocumentTable(directory).manifest() is None:
             raise StoreError(f"{directory} holds no sharedctx index; build one with ContextIndex(llm, store={str(directory)!r})")
         return cls(llm, directory, **options)
 
@@ -181,7 +265,7 @@ class ContextIndex:
         """Everything is written as it is added; with another ``directory``, copy the index there. Returns its path."""
         if directory is None or Path(directory).resolve() == self.directory.resolve():
             return self.directory
-        target = ContextIndex(self.llm, directory, size_limit=self.store.size_limit)
+        target = ContextIndex(self.llm, directory, size_limit=self.store.size_limit, policy=self.policy, encode=self.encode)
         with self._lock:
             docs = list(self._docs.values())
         for doc in docs:
@@ -271,66 +355,87 @@ class ContextIndex:
             self._forest = None
 
     def prune(self) -> int:
-        """Delete stored chunks no document refers to; returns how many."""
-        with self._lock:
-            live = {k for d in self._docs.values() for k in d.chunk_keys}
-        dead = [k for k in self.store.chunk_keys() if k not in live]
-        for k in dead:
-            self.store.delete(k)
-        return len(dead)
+        """Delete stored chunks no document refers to (the nodes `delete` leaves behind); returns how many.
 
-    def add(
-        self,
-        text_or_path: str | os.PathLike,
-        doc_id: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> AddResult:
-        """Add (or replace) one document: a `Path`, a string naming an existing file, or the text itself.
-
-        Chunks already in the store are reused, never encoded again; re-adding an unchanged document writes nothing.
+        Safe while other processes read or build the same index: see `prune_store`. Also ``sharedctx index prune``.
         """
-        text, source = self._resolve(text_or_path)
+        with self._lock:
+            mine = {k for d in self._docs.values() for k in d.chunk_keys}
+        return prune_store(self.table, self.store, keep=mine)
+
+    def add(self, path: str | os.PathLike, doc_id: str | None = None, metadata: Mapping[str, Any] | None = None) -> AddResult:
+        """Add (or replace) the text file at ``path`` (a ``str`` or ``os.PathLike``); the document id defaults to
+        its absolute path. A path that is not an existing file raises `InputError`; to add text itself, use
+        `add_text`. Chunks already in the store are reused, never encoded again; re-adding an unchanged document
+        writes nothing."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"add() takes the path of a text file, got {type(path).__name__}; to add text, use add_text()")
+        if isinstance(path, str) and ("\n" in path or "\0" in path or len(path) > 4096):
+            raise InputError("add() takes the path of a text file, and this looks like text: use add_text(text) to add it")
+        try:
+            text = read_document(path)
+        except InputError as exc:
+            if isinstance(exc, UnreadableFileError) or Path(path).exists():
+                raise
+            raise InputError(f"{exc}; add() takes the path of a text file: to add text itself, use add_text()") from None
+        source = os.path.abspath(path)
+        return self._ingest(source if doc_id is None else str(doc_id), text, metadata, source)
+
+    def add_text(self, text: str, doc_id: str | None = None, metadata: Mapping[str, Any] | None = None) -> AddResult:
+        """Add (or replace) a document given as text; the id defaults to ``text-`` and a hash of the text."""
+        if not isinstance(text, str):
+            raise InputError(f"add_text() takes a str, got {type(text).__name__}; for a file, use add(path)")
+        if not text.strip():
+            raise InputError("the document is empty (no text to index)")
         if doc_id is None:
-            doc_id = source if source is not None else "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-        return ingest_text(self, str(doc_id), text, dict(metadata or {}), source)
+            doc_id = "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return self._ingest(str(doc_id), text, metadata, None)
+
+    def _ingest(self, doc_id: str, text: str, metadata: Mapping[str, Any] | None, source: str | None) -> AddResult:
+        result = ingest_text(self, doc_id, text, dict(metadata or {}), source)
+        if self._options:  # options given explicitly: the next opening uses them
+            self.table.remember(**self._options)
+            self._options = {}
+        return result
 
     def add_many(
         self,
-        items: Iterable[str | os.PathLike],
+        paths: Iterable[str | os.PathLike],
         *,
         metadata: Mapping[str, Any] | None = None,
         show_progress: bool = True,
+        follow_links: bool = False,
     ) -> BuildReport:
-        """Add files, directories (recursively; hidden entries skipped) and texts. Unreadable files (binary,
-        not UTF-8, empty) are skipped, logged and listed in the report's ``skipped``."""
+        """Add files and directories (recursively; hidden entries skipped). Files that are not text (binary, not
+        UTF-8, empty) are skipped and listed in the report's ``skipped``; files that exist but cannot be read
+        (permissions, I/O errors) in ``failed``; neither stops the others. Without ``follow_links``, symbolic
+        links that lead outside a directory being added are skipped. Texts go through `add_text`."""
         from tqdm.auto import tqdm
 
         report = BuildReport()
-        work: list[str | Path] = []
-        for item in items:
-            if isinstance(item, Path) or (isinstance(item, str) and _looks_like_path(item)):
-                work.extend(_iter_files(Path(item)))
-            else:
-                work.append(item)
+        work: list[Path] = []
+        for item in paths:
+            if not isinstance(item, (str, os.PathLike)):
+                raise InputError(f"add_many() takes paths, got {type(item).__name__}; add texts with add_text()")
+            for path, reason in _iter_files(Path(item), follow_links=follow_links):
+                if reason is None:
+                    work.append(path)
+                else:
+                    logger.warning("skipping %s: %s", path, reason)
+                    report.skipped.append((str(path), reason))
         with tqdm(total=len(work), unit="doc", desc="indexing", disable=not show_progress) as bar:
-            for item in work:
+            for path in work:
                 try:
-                    report.added.append(self.add(item, metadata=metadata))
+                    report.added.append(self.add(path, metadata=metadata))
+                except UnreadableFileError as exc:
+                    logger.warning("cannot read %s: %s", path, exc)
+                    report.failed.append((str(path), str(exc)))
                 except InputError as exc:
-                    logger.warning("skipping %s: %s", item, exc)
-                    report.skipped.append((str(item), str(exc)))
+                    logger.warning("skipping %s: %s", path, exc)
+                    report.skipped.append((str(path), str(exc)))
                 bar.update(1)
                 bar.set_postfix(encoded=report.chunks_encoded, reused=report.chunks_reused)
         return report
-
-    def _resolve(self, item: str | os.PathLike) -> tuple[str, str | None]:
-        if isinstance(item, Path) or (isinstance(item, str) and _looks_like_path(item)):
-            return read_document(item), os.path.abspath(item)
-        if not isinstance(item, str):
-            raise InputError(f"add() takes text or a path, got {type(item).__name__}")
-        if not item.strip():
-            raise InputError("the document is empty (no text to index)")
-        return item, None
 
     # ------------------------------------------------------------------ retrieval
     def _forest_view(self) -> Forest:

@@ -62,7 +62,8 @@ class AddResult:
 @dataclass
 class BuildReport:
     added: list[AddResult] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): not text, or a link left out
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): could not be read
 
     @property
     def documents(self) -> int:
@@ -97,6 +98,7 @@ class BuildReport:
             "chunks_reused": self.chunks_reused,
             "chunks_deferred": self.chunks_deferred,
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "failed": [{"path": p, "reason": r} for p, r in self.failed],
             "added": [asdict(r) for r in self.added],
         }
 

@@ -142,8 +142,17 @@ def chunk_key(fingerprint: str, signature: Mapping[str, Any], token_ids: torch.T
 
 
 def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    """``path``, created private (0700) when missing; a directory that exists already is left as it is."""
+    if path.is_dir():
+        return path
+    try:
+        path.mkdir(parents=True, mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is narrowed by the umask, never widened: make it exact
+    except FileExistsError:
+        if not path.is_dir():
+            raise StoreError(f"{path} exists and is not a directory; give a directory for the store") from None
+    except OSError as exc:
+        raise StoreError(f"cannot create the store directory {path}: {exc.strerror or exc}; check the permissions of its parent") from exc
     return path
 
 
