@@ -142,7 +142,7 @@ class _IndexSystem:
             # text mode under the lexical walk needs no states: its index is built lazily (text only)
             lazy = {"encode": "lazy"} if self.mode == "text" and self.llm.config.policy == "lexical" else {}
             with ContextIndex(self.llm, Path(d) / "store", **self.options, **lazy) as index:
-                index.add(context, doc_id="doc")
+                index.add_text(context, doc_id="doc")
             build_s = time.perf_counter() - t0
             with ContextIndex(self.llm, Path(d) / "store", **self.options) as index:  # reopened: a warm store
                 t1 = time.perf_counter()

@@ -94,7 +94,7 @@ def measure_lazy(llm, text: str, store: Path, args) -> dict:
     passes = llm.encoder.passes
     t0 = time.perf_counter()
     with ContextIndex(llm, store, top_k=2, policy="lexical", encode="lazy") as index:
-        index.add(text, doc_id="doc")
+        index.add_text(text, doc_id="doc")
         build_s = time.perf_counter() - t0
         ans = index.query(QUESTION, mode="text", max_new_tokens=args.new_tokens)
     return {
@@ -115,7 +115,7 @@ def measure(llm, text: str, args) -> dict:
         index = ContextIndex(llm, root / "store", top_k=args.top_k)
         passes = llm.encoder.passes
         t0 = time.perf_counter()
-        built = index.add(text, doc_id="doc")
+        built = index.add_text(text, doc_id="doc")
         build_s = time.perf_counter() - t0
         first = index.query(QUESTION, max_new_tokens=args.new_tokens)
         cold_first_token_s = build_s + first.timings["first_token_s"]

@@ -20,7 +20,7 @@ _RETRIEVE_OPTIONS = ("k", "top_k_chunks", "max_injected_states")
 def citation_to_document(citation: Any) -> Document:
     """A `sharedctx.index.Citation` as a Document: the span's text, its score and where it comes from.
 
-    ``metadata`` holds the document's own metadata (from `ContextIndex.add`) overlaid with the citation:
+    ``metadata`` holds the document's own metadata (from `ContextIndex.add` or `add_text`) overlaid with the citation:
     ``doc_id``, ``chunk``, ``level``, ``index`` (the node), ``char_start``/``char_end`` (its span in the
     document's text), ``token_start``/``token_end``, ``score`` (cosine of the node key with the query key),
     ``chunk_score`` and ``n_states`` (states the node injects).

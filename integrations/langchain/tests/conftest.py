@@ -42,7 +42,7 @@ def shared_index():
 
         index = ContextIndex(_shared_llm(), top_k=2)
         for doc_id, text in DOCS.items():
-            index.add(text, doc_id=doc_id, metadata={"topic": doc_id})
+            index.add_text(text, doc_id=doc_id, metadata={"topic": doc_id})
         _INDEX["index"] = index
     return _INDEX["index"]
 

@@ -17,8 +17,8 @@ def test_default_model_chat_and_latent_chain(tmp_path):
 
     llm = chat.get_llm()
     index = ContextIndex(llm, store=tmp_path / "index")
-    index.add("The Harrow Point light is kept by Ada Lindqvist. Its lantern burns green.", doc_id="harrow")
-    index.add("Bread needs flour, water, salt and yeast.", doc_id="bread")
+    index.add_text("The Harrow Point light is kept by Ada Lindqvist. Its lantern burns green.", doc_id="harrow")
+    index.add_text("Bread needs flour, water, salt and yeast.", doc_id="bread")
     chain = create_latent_chain(chat, SharedContextRetriever(index=index, k=2))
     out = chain.invoke("Who keeps the Harrow Point light?")
     meta = out["answer"].response_metadata
