@@ -75,7 +75,7 @@ def _cmd_ask(args) -> int:
 
     if not args.question.strip():  # one rule for --file and --store, checked before any work
         raise InputError("the question is empty; ask something, e.g. sharedctx ask --file notes.txt \"Who keeps the light?\"")
-    if args.store is not None:
+    if args.store is not None or (args.mode != "latent" and args.file):  # text, hybrid: --file through a temporary index
         return _cmd_ask_store(args)
     t0 = time.perf_counter()
     if not args.file:
@@ -105,7 +105,8 @@ def _cmd_ask(args) -> int:
     tree = llm.context_tree(context)
     bar = tqdm(unit="tok", unit_scale=True, desc=f"encoding nodes of {tree.n_tokens:,} context tokens", disable=not sys.stderr.isatty() or args.json)
     with bar, llm.encoder.reporting(bar):
-        for delta in llm.stream(args.question, context=tree, max_new_tokens=args.max_new_tokens, temperature=args.temperature, stats=stats):
+        for delta in llm.stream(args.question, context=tree, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                stop_on_repeat=args.stop_on_repeat, stats=stats):
             if not bar.disable:
                 bar.close()  # the context is read: the answer follows
             chunks.append(delta)
@@ -151,10 +152,11 @@ def _open_index(args, *, create: bool):
     from .index import ContextIndex
     from .index.facade import check_store_directory
 
-    exists = check_store_directory(args.store)  # a file or a foreign directory is refused before loading the model
+    exists = args.store is None or check_store_directory(args.store)  # a file or a foreign directory is refused before loading the model
     if not create and not exists:
         raise InputError(f"{args.store} holds no index; build one with `sharedctx index add --store {args.store} PATH...`")
-    _apply_manifest(args)
+    if args.store is not None:
+        _apply_manifest(args)
     llm = _load(args)
     options = {"top_k": args.top_k} if getattr(args, "top_k", None) else {}
     if getattr(args, "max_injected_states", None):
@@ -167,6 +169,8 @@ def _open_index(args, *, create: bool):
     if getattr(args, "lazy", False):
         options["encode"] = "lazy"
         options.setdefault("policy", "lexical")
+    if args.store is None and options.get("policy") == "lexical":  # a temporary index for `ask --file`: tokenise only
+        options["encode"] = "lazy"
     return llm, ContextIndex(llm, args.store, **options)
 
 
@@ -287,7 +291,8 @@ def _cmd_ask_store(args) -> int:
     stats: dict = {}
     pieces = []
     for delta in index.stream(
-        args.question, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, stats=stats
+        args.question, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        stop_on_repeat=args.stop_on_repeat, stats=stats
     ):
         pieces.append(delta)
         if stream:
@@ -364,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer from the index in DIR (see `sharedctx index`), with its policy unless --policy is given; "
                           "with --file, add the files to it first")
     ask.add_argument("--follow-links", action="store_true", help="with --store --file DIR: follow symbolic links that leave DIR")
-    ask.add_argument("--mode", choices=["latent", "text", "hybrid"], default="latent", help="with --store: how the answer reads the index")
+    ask.add_argument("--mode", choices=["latent", "text", "hybrid"], default="latent",
+                     help="how the answer reads: with --store, the index; with --file alone, text and hybrid read through a temporary index")
+    ask.add_argument("--stop-on-repeat", type=int, default=8, metavar="N",
+                     help="end the answer when its last N tokens repeat earlier ones, dropping the repeat (default 8; 0 turns it off)")
     ask.add_argument("--top-k", type=int, default=None, help="with --store: chunks injected at most (default 8)")
     ask.add_argument("--max-injected-states", type=int, default=None, help="with --store: budget of injected states")
     ask.add_argument("--show-citations", type=int, default=5, help="with --store: citations printed (plain output)")

@@ -205,3 +205,11 @@ def test_row_decoder_repeat_guards_with_rigged_logits():
         for bad in (-1, 1):
             with pytest.raises(ValueError, match=name):
                 SamplingOptions(**{name: bad})
+
+
+def test_the_cli_guards_against_repetition_by_default():
+    from sharedctx.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["ask", "q", "--file", "x"]).stop_on_repeat == 8
+    assert parser.parse_args(["ask", "q", "--file", "x", "--stop-on-repeat", "0"]).stop_on_repeat == 0
