@@ -150,7 +150,7 @@ def _apply_manifest(args) -> None:
 def _open_index(args, *, create: bool):
     from .errors import InputError
     from .index import ContextIndex
-    from .index.facade import check_store_directory
+    from .index.directory import check_store_directory
 
     exists = args.store is None or check_store_directory(args.store)  # a file or a foreign directory is refused before loading the model
     if not create and not exists:
@@ -242,7 +242,7 @@ def _cmd_index_remove(args) -> int:
 def _cmd_index_prune(args) -> int:
     from .errors import InputError
     from .index import DocumentTable
-    from .index.facade import check_store_directory, prune_store
+    from .index.directory import check_store_directory, prune_store
     from .index.store import TreeStore
 
     if not check_store_directory(args.store):
