@@ -333,6 +333,10 @@ def _cmd_train(args) -> int:
     from .training.trainer import Trainer, load_recipe
 
     overrides = {"out_dir": args.out_dir, "steps": args.steps, "device": args.device, "threads": args.threads, "max_time_s": args.max_time_s}
+    if args.eval_every is not None:
+        overrides["eval_every"] = args.eval_every
+    if args.sources:
+        overrides["sources"] = [str(Path(s).resolve()) for s in args.sources]
     if args.no_progress:
         overrides["progress"] = False
     cfg = load_recipe(args.config, **overrides)
@@ -418,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="override the recipe's device")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--max-time-s", type=float, default=None, help="stop (and save) after this much wall time")
+    train.add_argument("--eval-every", type=int, default=None, metavar="N", help="override the recipe's eval_every (reading diagnostics every N steps; 0: never)")
+    train.add_argument("--sources", action="append", default=None, metavar="DIR", help="text files/folders to tokenise (repeatable; overrides the recipe's sources)")
     train.add_argument("--no-resume", action="store_true", help="start over even if out_dir has a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--export", default=None, metavar="DIR", help="write the adapter of the latest checkpoint to DIR and stop (no training)")

@@ -119,3 +119,23 @@ def test_cli_eval_ppl_and_passkey(model_dir, tmp_path, capsys):
     assert set(json.loads(capsys.readouterr().out)["results"][0]["modes"]) == {"window", "full"}
     assert main(["eval", "ppl", "--file", str(a), "--total-length", "160", "--window", "64", "--score-last", "16", "--control", *common]) == 2
     assert "control" in capsys.readouterr().err
+
+
+def test_cli_eval_reading(model_dir, tmp_path, capsys):
+    from sharedctx.cli import main
+    from sharedctx.training.reading import READING_KEYS
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("The quick brown fox jumps over the lazy dog. " * 10)
+    b.write_text("A slow green turtle walks under the busy cat. " * 10)
+    common = ["--model", str(model_dir), "--injection-layers", "2", "--chunk-size", "32", "--json"]
+    out = tmp_path / "reading.json"
+    args = ["eval", "reading", "--file", str(a), "--control-file", str(b), "--context-chunks", "2", "--window", "32", "--windows", "2", "--span", "4"]
+    assert main([*args, "--out", str(out), *common]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload == json.loads(out.read_text()) and payload["task"] == "reading"
+    r = payload["results"][0]
+    assert set(READING_KEYS) <= set(r) and r["file"] == str(a) and r["control_file"] == str(b)
+    assert r["reading_gain_pct"] == 0.0 and set(r["copy_gain_by_level_pct"]) == {"1", "2", "3"}  # identity adapter
+    assert main(["eval", "reading", "--file", str(a), *common]) == 2
+    assert "control" in capsys.readouterr().err

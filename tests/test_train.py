@@ -167,11 +167,24 @@ def test_recipes_parse_in_every_format(tmp_path):
         TrainConfig(tasks={"lm": 1, "sudoku": 1})
 
 
-@pytest.mark.parametrize("name", ["smollm2-cpu.toml", "smollm2-cpu-retrieval.toml", "smollm2-cpu-retrieval-lexical.toml", "smollm2-gpu.toml"])
+@pytest.mark.parametrize("name", ["smollm2-cpu.toml", "smollm2-cpu-retrieval.toml", "smollm2-cpu-retrieval-lexical.toml", "smollm2-gpu.toml", "smollm2-cpu-reading.toml"])
 def test_shipped_recipes_parse(name):
     cfg = load_recipe(RECIPES / name)
     assert cfg.sharedctx["chunk_size"] == 1024 and "books/pride_and_prejudice.txt" in cfg.holdout
     assert cfg.device == ("cuda" if "gpu" in name else "cpu")
+
+
+def test_recipe_sources_from_the_environment_or_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHAREDCTX_DATA", str(tmp_path / "corpus"))
+    cfg = load_recipe(RECIPES / "smollm2-cpu-reading.toml")
+    assert cfg.sources == [str(tmp_path / "corpus")] and cfg.tasks == {"reconstruction": 0.5, "lm": 0.3, "distill": 0.2}
+    assert cfg.eval_every and cfg.eval_text in cfg.holdout and cfg.eval_control not in cfg.holdout
+    monkeypatch.delenv("SHAREDCTX_DATA")
+    assert load_recipe(RECIPES / "smollm2-cpu-reading.toml").sources == ["$SHAREDCTX_DATA"]  # named when needed
+    assert load_recipe(RECIPES / "smollm2-cpu-reading.toml", sources=[str(tmp_path)]).sources == [str(tmp_path)]
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), data=str(tmp_path / "none"), sources=["$SHAREDCTX_DATA"], sharedctx=SMALL)
+    with pytest.raises(FileNotFoundError, match="SHAREDCTX_DATA"):
+        Trainer(cfg, llm=make_llm(**SMALL))
 
 
 def test_cli_train_writes_an_adapter(tmp_path):

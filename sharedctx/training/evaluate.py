@@ -1,4 +1,5 @@
-"""Evaluation: the paper's perplexity protocol and passkey retrieval, as functions and as `sharedctx eval`.
+"""Evaluation: the paper's perplexity protocol and passkey retrieval, as functions and as `sharedctx eval`
+(``sharedctx eval reading`` runs the reading diagnostics of `sharedctx.training.reading`).
 
 Perplexity (`eval_ppl`): a stretch of ``total_length`` tokens is cut into a context (all but the last ``window``
 tokens) and a window; the score is the perplexity of the window's last ``score_last`` tokens, pooled over
@@ -277,6 +278,45 @@ def _cmd_passkey(args) -> int:
     return 0
 
 
+def _cmd_reading(args) -> int:
+    from ..index.documents import read_document
+    from .objectives import MARKER, marker_ids
+    from .reading import eval_reading
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = args.load_model(args)
+    tok = llm.tokenizer
+
+    def ids(path):
+        return np.asarray(tok(read_document(path), add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    files = list(args.file)
+    controls = list(args.control_file or [])
+    context_tokens = args.context_chunks * llm.config.chunk_size
+    results = []
+    for i, f in enumerate(files):
+        control = controls[i % len(controls)] if controls else (files[(i + 1) % len(files)] if len(files) > 1 else None)
+        if control is None or control == f:
+            raise ValueError("the reading diagnostics need an unrelated text of the same genre: give --control-file PATH or several --file")
+        t0 = time.perf_counter()
+        r = eval_reading(
+            llm, ids(f), ids(control), context_tokens=context_tokens, window=args.window, n_windows=args.windows, span=args.span,
+            score_last=args.score_last, marker=marker_ids(tok, args.marker or MARKER), seed=args.seed, show_progress=not args.json,
+        )
+        r.update({"file": f, "control_file": control, "seconds": round(time.perf_counter() - t0, 1)})
+        results.append(r)
+        if not args.json:
+            levels = "  ".join(f"L{lv} {g:+.2f}%" for lv, g in r["copy_gain_by_level_pct"].items())
+            print(
+                f"{f}  ctx={context_tokens}  ppl true {r['ppl']['true']:.3f} control {r['ppl']['control']:.3f} window {r['ppl']['window']:.3f}  "
+                f"reading {r['reading_gain_pct']:+.2f}%  adaptation {r['adaptation_pct']:+.2f}%  copy {r['copy_gain_pct']:+.2f}% ({levels})",
+                flush=True,
+            )
+    _emit({"task": "reading", "results": results, "adapter": _adapter_info(llm), "machine": machine()}, args)
+    return 0
+
+
 def _emit(payload: dict[str, Any], args) -> None:
     text = json.dumps(payload, indent=2)
     if args.out:
@@ -287,9 +327,9 @@ def _emit(payload: dict[str, Any], args) -> None:
 
 
 def add_eval_parser(sub: Any, add_model_args, load_model) -> None:
-    """Register ``sharedctx eval ppl`` and ``sharedctx eval passkey``; ``add_model_args(parser)`` adds the model
+    """Register ``sharedctx eval ppl``, ``sharedctx eval passkey`` and ``sharedctx eval reading``; ``add_model_args(parser)`` adds the model
     options and ``load_model(args)`` builds the `SharedLLM` from them (both from the CLI)."""
-    ev = sub.add_parser("eval", help="measure perplexity with and without context, or passkey retrieval")
+    ev = sub.add_parser("eval", help="measure perplexity with and without context, reading and copy gains, or passkey retrieval")
     evsub = ev.add_subparsers(dest="eval_command", required=True)
 
     ppl = evsub.add_parser("ppl", help="perplexity of a window's last tokens after context chunks (the paper's protocol)")
@@ -315,6 +355,19 @@ def add_eval_parser(sub: Any, add_model_args, load_model) -> None:
     pk.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
     _common(pk, add_model_args)
     pk.set_defaults(func=_cmd_passkey, load_model=load_model)
+
+    rd = evsub.add_parser("reading", help="reading gain (true vs unrelated context) and copy gain by tree level (docs/training.md)")
+    rd.add_argument("--file", action="append", required=True, metavar="PATH", help="held-out text (repeatable)")
+    rd.add_argument("--control-file", action="append", default=None, metavar="PATH", help="unrelated text of the same genre (default: the next --file)")
+    rd.add_argument("--context-chunks", type=int, default=2, help="context chunks of the adapter's chunk_size (default 2)")
+    rd.add_argument("--window", type=int, default=256, help="decoder window after the context (default 256)")
+    rd.add_argument("--score-last", type=int, default=None, help="score the window's last tokens (default: all but the first)")
+    rd.add_argument("--windows", type=int, default=4, help="stretches per file, spread evenly (default 4)")
+    rd.add_argument("--span", type=int, default=64, help="tokens of each repeated context span (default 64)")
+    rd.add_argument("--marker", default=None, help="text before the repeated span (default: a newline, 'Repeat:', a newline)")
+    rd.add_argument("--seed", type=int, default=0, help="which nodes and offsets the spans are drawn from")
+    _common(rd, add_model_args)
+    rd.set_defaults(func=_cmd_reading, load_model=load_model)
 
 
 def _common(p: argparse.ArgumentParser, add_model_args) -> None:

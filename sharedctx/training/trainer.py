@@ -1,4 +1,5 @@
-"""Training recipes for the injection adapter: LM continuation plus synthetic retrieval and instruction tasks.
+"""Training recipes for the injection adapter: LM continuation, reconstruction and distillation (see `objectives`),
+synthetic retrieval and instruction tasks, mixed by weight; reading diagnostics every ``eval_every`` steps.
 
 A recipe is a TOML/JSON/YAML file read into `TrainConfig` (see ``recipes/``). The same code runs on the
 CPU (float32) and on CUDA (bf16 autocast): only ``device`` differs. Only the cross-attention blocks are
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from ..config import SharedCtxConfig
+from .checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
 from .data import (
     IGNORE,
     TASKS,
@@ -35,14 +37,26 @@ from .data import (
     instruction_example,
     lm_example,
 )
+from .objectives import (
+    MARKER,
+    TAILS,
+    TeacherTopK,
+    distill_example,
+    marker_ids,
+    reconstruction_example,
+    scored_positions,
+    teacher_topk,
+    topk_kl,
+)
 
 __all__ = ["TrainConfig", "Trainer", "load_recipe", "collate", "lr_factor", "summarize_log"]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint"  # a folder: tensors.safetensors + state.json (no pickle anywhere)
-_LEGACY_CHECKPOINT = "checkpoint.pt"  # the old pickled format: refused, never loaded
 LOG = "train_log.jsonl"
+READING_LOG = "reading_log.jsonl"
+#: tasks built from training text by the trainer itself (the synthetic ones are in `data.TASKS`)
+TEXT_TASKS = ("lm", "reconstruction", "distill", "instruction")
 
 
 @dataclass
@@ -58,7 +72,20 @@ class TrainConfig:
         sharedctx: `SharedCtxConfig` fields of the adapter (its ``chunk_size`` is what inference uses).
         context_chunks: ``[min, max]`` chunks of context per LM sample (drawn uniformly).
         window: decoder window of an LM sample (loss on all of it but the first token).
-        tasks: mixing weights: ``lm``, ``passkey``, ``kv``, ``needle``, ``chunk_mention``, ``instruction``.
+        tasks: mixing weights: ``lm``, ``reconstruction``, ``distill``, ``passkey``, ``kv``, ``needle``,
+            ``chunk_mention``, ``instruction`` (docs/training.md describes each).
+        recon_span, recon_level, recon_marker: reconstruction: the window is ``recon_marker`` then a context span of
+            ``recon_span`` tokens drawn inside a node the walk keeps at the finest level (``recon_level="finest"``) or
+            at any level (``"any"``); contexts of ``context_chunks`` chunks (at least 1).
+        distill_top_k, distill_tail: distillation: KL to the base model reading ``[context ; window]`` in full
+            attention, from its top-k log-probabilities; the tail as one more outcome (``bucket``) or dropped with
+            both distributions renormalised (``renormalise``). Context + window must fit the base model's window.
+        eval_every: run the reading diagnostics (`reading.eval_reading`) every this many steps and at the end (0: never);
+            results go to ``out_dir/reading_log.jsonl`` and, summarised, into the step's log record.
+        eval_text, eval_control: the held-out text and a same-genre unrelated text for the control: a document name
+            of the shards (e.g. ``books/pride_and_prejudice.txt``) or a file path.
+        eval_windows, eval_context_chunks, eval_window, eval_span: stretches per evaluation, context chunks, window
+            tokens and repeated-span tokens of the diagnostics.
         task_chunks: ``[min, max]`` chunks of context for the synthetic tasks.
         instruction_file: JSONL of ``{"context": ..., "question": ..., "answer": ...}`` for the ``instruction`` task.
         init_adapter: an adapter folder to start from (fine-tuning: e.g. another policy or other tasks) instead of
@@ -86,6 +113,18 @@ class TrainConfig:
     tasks: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})
     task_chunks: list[int] = field(default_factory=lambda: [1, 4])
     instruction_file: str | None = None
+    recon_span: int = 64
+    recon_level: str = "finest"
+    recon_marker: str = MARKER
+    distill_top_k: int = 32
+    distill_tail: str = "bucket"
+    eval_every: int = 0
+    eval_text: str | None = None
+    eval_control: str | None = None
+    eval_windows: int = 2
+    eval_context_chunks: int = 2
+    eval_window: int = 256
+    eval_span: int = 64
     init_adapter: str | None = None
     trainable: str = "injection"
     steps: int = 1000
@@ -113,9 +152,9 @@ class TrainConfig:
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
                 raise ValueError(f"TrainConfig.{name} must be [min, max] with 0 <= min <= max, got {[lo, hi]}")
-        unknown = sorted(set(self.tasks) - set(TASKS) - {"lm", "instruction"})
+        unknown = sorted(set(self.tasks) - set(TASKS) - set(TEXT_TASKS))
         if unknown:
-            raise ValueError(f"unknown tasks {unknown}; known: lm, instruction, {', '.join(TASKS)}")
+            raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TEXT_TASKS)}, {', '.join(TASKS)}")
         if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise ValueError(f"TrainConfig.tasks must give non-negative weights with a positive sum, got {self.tasks}")
         if self.tasks.get("instruction") and not self.instruction_file:
@@ -125,6 +164,17 @@ class TrainConfig:
                 f"TrainConfig.trainable must be 'injection' (every adapter parameter) or 'gates', got {self.trainable!r}; "
                 "to train more than the cross-attention, set upper_lora_rank in the recipe's [sharedctx] table"
             )
+        if self.recon_level not in ("finest", "any") or self.recon_span < 1 or not self.recon_marker:
+            raise ValueError(
+                f"reconstruction needs recon_level 'finest' or 'any', recon_span >= 1 and a non-empty recon_marker, "
+                f"got {self.recon_level!r}, {self.recon_span}, {self.recon_marker!r}"
+            )
+        if self.distill_tail not in TAILS or self.distill_top_k < 1:
+            raise ValueError(f"distill_tail must be one of {TAILS} and distill_top_k >= 1, got {self.distill_tail!r}, {self.distill_top_k}")
+        if self.eval_every and not (self.eval_text and self.eval_control):
+            raise ValueError("eval_every > 0 needs eval_text (held-out text) and eval_control (an unrelated text of the same genre)")
+        if self.eval_every < 0 or self.eval_windows < 1 or self.eval_context_chunks < 1 or self.eval_window < 2 or self.eval_span < 1:
+            raise ValueError("eval_every >= 0, eval_windows >= 1, eval_context_chunks >= 1, eval_window >= 2 and eval_span >= 1 are required")
         if self.window < 2 or self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("window >= 2, steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
         SharedCtxConfig.from_dict(self.sharedctx)  # validate early
@@ -143,7 +193,9 @@ class TrainConfig:
 
 def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """Read a recipe from ``.toml``, ``.json`` or ``.yaml``/``.yml`` (YAML needs pyyaml); relative paths in
-    ``data``, ``sources``, ``out_dir``, ``instruction_file`` and ``init_adapter`` are resolved against the recipe's folder."""
+    ``data``, ``sources``, ``out_dir``, ``instruction_file`` and ``init_adapter`` are resolved against the recipe's folder,
+    after expanding environment variables (``sources = ["$SHAREDCTX_DATA"]``); a variable left unset stays as written
+    and the trainer names it if it needs that path."""
     path = Path(path)
     text = path.read_text()
     suffix = path.suffix.lower()
@@ -168,7 +220,8 @@ def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     base = path.parent
 
     def resolve(p: str) -> str:
-        return p if os.path.isabs(p) else os.path.normpath(base / p)
+        p = os.path.expandvars(p)
+        return p if os.path.isabs(p) or "$" in p else os.path.normpath(base / p)
 
     for key in ("data", "out_dir", "instruction_file", "init_adapter"):
         if data.get(key) and key not in overrides:
@@ -264,6 +317,15 @@ class Trainer:
         names = sorted(config.tasks)
         weights = np.array([config.tasks[n] for n in names], dtype=np.float64)
         self.task_names, self.task_p = names, weights / weights.sum()
+        self.marker = marker_ids(llm.tokenizer, config.recon_marker) if llm.tokenizer is not None else None
+        if config.tasks.get("distill") and llm.max_positions:
+            longest = config.context_chunks[1] * self.chunk_size + config.window
+            if longest > llm.max_positions:
+                raise ValueError(
+                    f"the distill task's teacher reads up to {longest} tokens (context_chunks {config.context_chunks} of "
+                    f"{self.chunk_size} + window {config.window}), past the base model's {llm.max_positions}-token window"
+                )
+        self._reading_tokens: tuple[np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ setup
     def _shards(self) -> TokenShards:
@@ -271,6 +333,12 @@ class Trainer:
         if not (data / "manifest.json").is_file():
             if not self.cfg.sources:
                 raise FileNotFoundError(f"{data} holds no shards and the recipe gives no `sources` to build them from")
+            missing = [s for s in self.cfg.sources if not os.path.exists(s)]
+            if missing:
+                raise FileNotFoundError(
+                    f"the recipe's sources {missing} do not exist: set the environment variable they name "
+                    "(e.g. SHAREDCTX_DATA=../shared/data) or pass `sharedctx train --sources DIR`"
+                )
             logger.warning("tokenising %s into %s", self.cfg.sources, data)
             build_shards(self.cfg.sources, self.llm.tokenizer, data, holdout=self.cfg.holdout)
         return TokenShards(data)
@@ -291,10 +359,17 @@ class Trainer:
 
     def sample_example(self, task: str) -> Example:
         rng, cfg, c = self.rng, self.cfg, self.chunk_size
-        if task == "lm":
+        if task in ("lm", "distill"):
             k = int(rng.integers(cfg.context_chunks[0], cfg.context_chunks[1] + 1))
             seq = self.shards.sample(k * c + cfg.window, rng, "train")
-            return lm_example(seq, context_tokens=k * c)
+            return (lm_example if task == "lm" else distill_example)(seq, context_tokens=k * c)
+        if task == "reconstruction":
+            k = int(rng.integers(max(1, cfg.context_chunks[0]), max(1, cfg.context_chunks[1]) + 1))
+            with self._autocast():  # the walk encodes the kept nodes: in the dtype the step uses
+                return reconstruction_example(
+                    self.llm, self.shards.sample(k * c, rng, "train"), rng, marker=self.marker, span=cfg.recon_span,
+                    level=cfg.recon_level, generator=self.gen,
+                )
         k = int(rng.integers(max(1, cfg.task_chunks[0]), cfg.task_chunks[1] + 1))
         tok = self.llm.tokenizer
         if task == "instruction":
@@ -322,16 +397,31 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
-    def micro_step(self, rows: list[Example]) -> tuple[float, int]:
-        """Forward and backward one micro-batch; returns its loss and the number of scored tokens."""
-        llm = self.llm
+    def injection_for(self, rows: list[Example], ids: torch.Tensor, labels: torch.Tensor):
+        """The states a batch reads: the walk its builder already made (reconstruction: the span was drawn from it,
+        with the marker alone as the query), else a walk whose query is each row's tokens before its first label."""
+        if all("selection" in r.meta for r in rows):
+            return self.llm.assemble_injection([r.meta["selection"] for r in rows])
+        return self.llm.prepare_injection([r.context for r in rows], ids, labels=labels, generator=self.gen)
+
+    def loss(self, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's loss (cross-entropy on the labels, or for ``distill`` the top-k KL to the teacher on the
+        same positions) and its ``(B, T)`` labels."""
+        llm, cfg = self.llm, self.cfg
         pad = getattr(llm.tokenizer, "pad_token_id", None) or 0
-        ids, labels, mask, contexts = collate(rows, pad)
+        ids, labels, mask, _ = collate(rows, pad)
         ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
         with self._autocast():
-            injection = llm.prepare_injection(contexts, ids, labels=labels, generator=self.gen)
-            out = llm(ids, labels=labels, attention_mask=mask, injection=injection)
-            loss = out.loss
+            injection = self.injection_for(rows, ids, labels)
+            if rows[0].task != "distill":
+                return llm(ids, labels=labels, attention_mask=mask, injection=injection).loss, labels
+            teacher = TeacherTopK.stack([teacher_topk(llm, r, cfg.distill_top_k) for r in rows], ids.shape[1])
+            logits = llm(ids, attention_mask=mask, injection=injection).logits
+            return topk_kl(logits, teacher, scored_positions(labels), tail=cfg.distill_tail), labels
+
+    def micro_step(self, rows: list[Example]) -> tuple[float, int]:
+        """Forward and backward one micro-batch; returns its loss and the number of scored tokens."""
+        loss, labels = self.loss(rows)
         (loss / self.cfg.grad_accum).backward()
         return float(loss.detach()), int((labels[:, 1:] != IGNORE).sum())
 
@@ -395,53 +485,17 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> Path:
-        """Write ``out_dir/checkpoint/``: tensors (trainable parameters, optimizer moments, RNG states) in one
-        safetensors file and the rest (step, schedule position, NumPy RNG, optimizer hyper-parameters, the training
-        config) in JSON. Written to a temporary folder and swapped in, so a crash never leaves half a checkpoint."""
-        from safetensors.torch import save_file
-
-        path = self.out / CHECKPOINT
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        if tmp.exists():
-            _remove_tree(tmp)
-        tmp.mkdir(parents=True)
-        tensors, meta = _flatten_state(self.state_dict())
-        save_file(tensors, str(tmp / "tensors.safetensors"), metadata={"format": "sharedctx-checkpoint-1"})
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        old = self.out / (CHECKPOINT + ".old")
-        if path.exists():
-            if old.exists():
-                _remove_tree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            _remove_tree(old)
-        return path
+        """Write ``out_dir/checkpoint/`` (safetensors + JSON, swapped in whole: see `checkpoint.write_checkpoint`)."""
+        return write_checkpoint(self.out, self.state_dict())
 
     def resume(self) -> bool:
-        """Load ``out_dir/checkpoint/`` if present; True when resumed. A pickled checkpoint (the old
-        ``checkpoint.pt``, or any file a checkpoint folder should not hold) is refused: unpickling runs code."""
-        from safetensors.torch import load_file
-
-        legacy = self.out / _LEGACY_CHECKPOINT
-        if legacy.exists():
-            raise ValueError(
-                f"{legacy} is a pickled checkpoint; sharedctx never unpickles (loading a pickle runs whatever code it holds). "
-                f"Delete it and start again, or move it away; checkpoints are now the folder {self.out / CHECKPOINT} (safetensors + JSON)"
-            )
-        path = self.out / CHECKPOINT
-        if not path.is_dir():
+        """Load ``out_dir/checkpoint/`` if present; True when resumed. A pickled checkpoint is refused (see
+        `checkpoint.read_checkpoint`): unpickling runs code."""
+        state = read_checkpoint(self.out)
+        if state is None:
             return False
-        unexpected = sorted(p.name for p in path.iterdir() if p.name not in ("tensors.safetensors", "state.json"))
-        if unexpected:
-            raise ValueError(f"the checkpoint {path} holds unexpected files {unexpected}; refusing to load it (only tensors.safetensors and state.json belong there)")
-        try:
-            tensors = load_file(str(path / "tensors.safetensors"))
-            meta = json.loads((path / "state.json").read_text())
-        except Exception as exc:
-            raise ValueError(f"the checkpoint {path} is damaged ({exc}); delete it to start again") from exc
-        self.load_state_dict(_unflatten_state(tensors, meta))
-        logger.warning("resumed from %s at step %d", path, self.step)
+        self.load_state_dict(state)
+        logger.warning("resumed from %s at step %d", self.out / CHECKPOINT, self.step)
         return True
 
     def save_adapter(self, directory: str | os.PathLike | None = None) -> Path:
@@ -450,6 +504,42 @@ class Trainer:
         self.llm.save_pretrained(directory)
         (directory / "training_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         return directory
+
+    # ------------------------------------------------------------------ reading diagnostics
+    def _text_tokens(self, name: str) -> np.ndarray:
+        try:
+            return np.asarray(self.shards.tokens(name), dtype=np.int64)
+        except KeyError:
+            from ..index.documents import read_document
+
+            if not os.path.isfile(name):
+                raise FileNotFoundError(f"{name!r} is neither a document of the shards in {self.shards.dir} nor a file") from None
+            return np.asarray(self.llm.tokenizer(read_document(name), add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    def evaluate_reading(self) -> dict[str, Any]:
+        """Run `reading.eval_reading` on ``eval_text`` against ``eval_control``, append the full result to
+        ``out_dir/reading_log.jsonl`` and return a summary (reading, adaptation and copy gains in %, perplexities).
+        Uses no RNG of the run, so evaluating never changes what training does."""
+        from .reading import eval_reading
+
+        cfg = self.cfg
+        if self._reading_tokens is None:
+            self._reading_tokens = (self._text_tokens(cfg.eval_text), self._text_tokens(cfg.eval_control))
+        text, control = self._reading_tokens
+        t0 = time.perf_counter()
+        r = eval_reading(
+            self.llm, text, control, context_tokens=cfg.eval_context_chunks * self.chunk_size, window=cfg.eval_window,
+            n_windows=cfg.eval_windows, span=cfg.eval_span, marker=self.marker, seed=cfg.seed,
+        )
+        seconds = round(time.perf_counter() - t0, 1)
+        with open(self.out / READING_LOG, "a") as fh:
+            fh.write(json.dumps({"step": self.step, "eval_s": seconds, "text": cfg.eval_text, "control": cfg.eval_control, **r}) + "\n")
+        summary = {k: round(r[k], 3) for k in ("reading_gain_pct", "adaptation_pct", "copy_gain_pct")}
+        summary["copy_gain_by_level_pct"] = {lv: round(v, 3) for lv, v in r["copy_gain_by_level_pct"].items()}
+        summary["ppl"] = {k: round(v, 3) for k, v in r["ppl"].items()}
+        summary["eval_s"] = seconds
+        logger.info("step %d reading: %s", self.step, summary)
+        return summary
 
     # ------------------------------------------------------------------ loop
     def fit(self, *, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -463,6 +553,11 @@ class Trainer:
         with open(self.out / LOG, "a") as log, tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step") as bar:
             while self.step < cfg.steps:
                 rec = self.train_step()
+                last = self.step >= cfg.steps or (cfg.stop_at_step and self.step >= cfg.stop_at_step) or (
+                    cfg.max_time_s and time.perf_counter() - start_wall > cfg.max_time_s
+                )
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                    rec["reading"] = self.evaluate_reading()
                 first_loss = rec["loss"] if first_loss is None else first_loss
                 recent = (recent + [rec["loss"]])[-50:]
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -493,63 +588,3 @@ class Trainer:
             "threads": torch.get_num_threads(),
             "device": str(self.device),
         }
-
-
-# ---------------------------------------------------------------------- checkpoint files
-def _flatten_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split a trainer state into named tensors and JSON: parameters ``param/<name>``, optimizer moments
-    ``opt/<index>/<key>``, RNG states ``rng/torch`` and ``rng/gen``."""
-    tensors: dict[str, torch.Tensor] = {f"param/{n}": t.contiguous() for n, t in state["params"].items()}
-    opt_scalars: dict[str, dict[str, Any]] = {}
-    for idx, slots in state["optimizer"]["state"].items():
-        for key, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"opt/{idx}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                opt_scalars.setdefault(str(idx), {})[key] = value
-    tensors["rng/torch"] = state["torch_rng"].contiguous()
-    tensors["rng/gen"] = state["gen"].contiguous()
-    meta = {
-        "format": "sharedctx-checkpoint-1",
-        "step": state["step"],
-        "tokens": state["tokens"],
-        "elapsed": state["elapsed"],
-        "rng": state["rng"],
-        "config": state["config"],
-        "param_groups": state["optimizer"]["param_groups"],
-        "optimizer_scalars": opt_scalars,
-    }
-    return tensors, meta
-
-
-def _unflatten_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    if meta.get("format") != "sharedctx-checkpoint-1":
-        raise ValueError(f"unknown checkpoint format {meta.get('format')!r}")
-    opt_state: dict[int, dict[str, Any]] = {}
-    params: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        kind, _, rest = name.partition("/")
-        if kind == "param":
-            params[rest] = t
-        elif kind == "opt":
-            idx, _, key = rest.partition("/")
-            opt_state.setdefault(int(idx), {})[key] = t
-    for idx, scalars in meta.get("optimizer_scalars", {}).items():
-        opt_state.setdefault(int(idx), {}).update(scalars)
-    return {
-        "params": params,
-        "optimizer": {"state": opt_state, "param_groups": meta["param_groups"]},
-        "step": meta["step"],
-        "tokens": meta["tokens"],
-        "elapsed": meta["elapsed"],
-        "rng": meta["rng"],
-        "gen": tensors["rng/gen"],
-        "torch_rng": tensors["rng/torch"],
-        "config": meta["config"],
-    }
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
