@@ -550,17 +550,17 @@ class Trainer:
         start_step, start_wall = self.step, time.perf_counter()
         first_loss = None
         recent: list[float] = []
+        reading: dict[str, Any] | None = None
         with open(self.out / LOG, "a") as log, tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step") as bar:
             while self.step < cfg.steps:
                 rec = self.train_step()
-                last = self.step >= cfg.steps or (cfg.stop_at_step and self.step >= cfg.stop_at_step) or (
-                    cfg.max_time_s and time.perf_counter() - start_wall > cfg.max_time_s
-                )
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
-                    rec["reading"] = self.evaluate_reading()
+                stop_step = bool(cfg.stop_at_step and self.step >= cfg.stop_at_step)
+                out_of_time = bool(cfg.max_time_s and time.perf_counter() - start_wall > cfg.max_time_s)
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step >= cfg.steps or stop_step or out_of_time):
+                    rec["reading"] = reading = self.evaluate_reading()
                 first_loss = rec["loss"] if first_loss is None else first_loss
                 recent = (recent + [rec["loss"]])[-50:]
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or "reading" in rec:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     if on_log:
@@ -569,10 +569,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", avg=f"{np.mean(recent):.3f}", tps=rec["tok_per_s"])
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                if cfg.stop_at_step and self.step >= cfg.stop_at_step:
+                if stop_step:
                     logger.warning("stopping at step %d (stop_at_step) of a %d-step schedule", self.step, cfg.steps)
                     break
-                if cfg.max_time_s and time.perf_counter() - start_wall > cfg.max_time_s:
+                if out_of_time:
                     logger.warning("stopping at step %d: max_time_s=%s reached", self.step, cfg.max_time_s)
                     break
         self.save_checkpoint()
@@ -587,4 +587,5 @@ class Trainer:
             "adapter": str(adapter),
             "threads": torch.get_num_threads(),
             "device": str(self.device),
+            **({"reading": reading} if reading is not None else {}),
         }
