@@ -230,6 +230,22 @@ def selection_rows(data: dict) -> list[str]:
     return rows
 
 
+def learnability_rows(data: dict) -> list[str]:
+    """benchmarks/bench_learnability.py: can the injection path learn a content lookup at all (tiny model, from scratch)?"""
+    mach = _machine(data["machine"])
+    rows = []
+    for name, arm in data["arms"].items():
+        kept = ""
+        if arm.get("acc_kept") is not None and arm.get("acc_dropped") is not None and arm.get("kept_fraction", 1.0) < 1.0:
+            kept = f" (records kept {arm['acc_kept']:.3f} / sampled away {arm['acc_dropped']:.3f})"
+        rows.append(
+            f"| lookup learnability, `{name}`: {arm['note']}; {arm['steps']} steps, {arm['seconds']:.1f} s | accuracy with the true "
+            f"context {arm['acc_true']:.3f}{kept}, unrelated context {arm['acc_unrelated']:.3f}, chance {arm['chance']:.4f} | "
+            f"{_command(data, arm['command'])} | {mach} |"
+        )
+    return rows
+
+
 #: file-name prefix -> row builder; ``<prefix>*.json`` (e.g. finding_16k.json written with --name) all count
 ROWS = {
     "core": core_rows,
@@ -239,6 +255,7 @@ ROWS = {
     "finding": finding_rows,
     "ppl": ppl_rows,
     "ablations": ablation_rows,
+    "learnability": learnability_rows,
 }
 
 #: file-name prefix -> (heading, what the rows measure) on the results page
@@ -284,6 +301,14 @@ SECTIONS = {
         "Ablations (`bench_ablations.py`)",
         ("One option changed at a time from the adapter's configuration, on perplexity and needles. An option that "
          "changes the adapter's shape (`injection_layers`) runs with the identity adapter."),
+    ),
+    "learnability": (
+        "Can the injection path learn to read? (`bench_learnability.py`)",
+        ("A tiny random LLaMA (4 layers, hidden 64) trained from scratch on a synthetic lookup: the context holds fresh "
+         "random key -> value records, the window asks keys. Accuracy on 256 fresh examples with the true context, with "
+         "an unrelated context of the same distribution, and chance. Arms change one thing: chunk positions, injected "
+         "layers, compression, which lower layer feeds which upper layer, a frozen base; two controls break the "
+         "mechanism on purpose (gates held at zero, keys shuffled against values)."),
     ),
 }
 
