@@ -40,6 +40,7 @@ from sharedctx.training.lookup import (
     LookupTrainConfig,
     base_model,
     lookup_model,
+    shuffled_keys,
     train_in_context,
     train_lookup,
 )
@@ -48,17 +49,6 @@ FUSED = LookupTask()  # 16 keys x 16 values, 1-4 chunks of 4 one-token records, 
 FUSED_LONG = LookupTask(n_keys=32, n_values=16, chunk_size=16, chunks=(1, 2))
 PAIRS = LookupTask(n_keys=32, n_values=16, chunk_size=16, chunks=(1, 2), format="pairs")
 BASE_CFG = {"injection_layers": 2, "chunk_size": 4, "tree_height": 1, "node_keep": 2, "policy": "right"}
-
-
-def _shuffle_keys():
-    g = torch.Generator().manual_seed(0)
-
-    def hook(injection):
-        perm = torch.randperm(injection.n_states, generator=g)
-        injection.keys = [k[:, :, perm] for k in injection.keys]
-        return injection
-
-    return hook
 
 
 def arms(steps: int, pair_steps: int) -> dict[str, dict]:
@@ -84,7 +74,7 @@ def arms(steps: int, pair_steps: int) -> dict[str, dict]:
         "adapter_only_lora": {"task": FUSED, "cfg": {**cfg, "upper_lora_rank": 8}, "train": {"steps": steps, "train_base": False},
                                   "note": "random base frozen, upper_lora_rank=8"},
         "broken_gates": {"task": FUSED, "cfg": cfg, "train": {"steps": steps, "zero_gates": (0, 1)}, "note": "control: every gate held at zero"},
-        "broken_keys": {"task": FUSED, "cfg": cfg, "train": {"steps": steps}, "hook": _shuffle_keys, "note": "control: injected keys shuffled"},
+        "broken_keys": {"task": FUSED, "cfg": cfg, "train": {"steps": steps}, "hook": shuffled_keys, "note": "control: injected keys shuffled"},
         "pairs_default": {"task": PAIRS, "cfg": pairs_cfg, "train": {"steps": pair_steps}, "note": "two-token records, default path"},
         "pairs_reference": {"task": PAIRS, "cfg": pairs_cfg, "train": {"steps": pair_steps, "path": "reference"},
                                 "note": "two-token records, plain cross-attention over un-sampled states"},

@@ -7,7 +7,16 @@ import copy
 import pytest
 import torch
 
-from sharedctx.testing import ARCHS, VOCAB, byte_tokenizer, make_llm, random_ids, set_gates, tiny_config, tiny_model  # noqa: F401
+from sharedctx.testing import (  # noqa: F401
+    ARCHS,
+    VOCAB,
+    byte_tokenizer,
+    make_llm,
+    random_ids,
+    set_gates,
+    tiny_config,
+    tiny_model,
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,3 +50,21 @@ def base_and_llm():
     from sharedctx import SharedCtxConfig, SharedLLM
 
     return reference, SharedLLM.from_model(base, byte_tokenizer(), config=SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4))
+
+
+def word_shards(tmp_path_factory, held: str | None = None):
+    """Token shards of a small random-word corpus (three training documents and a held-out ``held.txt``), for the
+    trainer's tests; ``held`` replaces the held-out document's text."""
+    import numpy as np
+
+    from sharedctx.training.data import TokenShards, build_shards
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["stone", "river", "lamp", "green", "north", "bell", "seven", "quiet"]
+    for i in range(3):
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 600)))
+    (root / "held.txt").write_text(held if held is not None else " ".join(rng.choice(words, 300)))
+    out = tmp_path_factory.mktemp("shards")
+    build_shards([root], byte_tokenizer(), out, holdout=["held.txt"])
+    return TokenShards(out)

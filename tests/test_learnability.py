@@ -19,6 +19,7 @@ from sharedctx.training.lookup import (
     base_model,
     batch_injection,
     lookup_model,
+    shuffled_keys,
     train_in_context,
     train_lookup,
 )
@@ -72,18 +73,6 @@ def test_learns_with_one_injected_layer(one_thread):
     assert_reads(run(config(injection_layers=1)))
 
 
-def _shuffle_keys():
-    """Each row's injected keys in another order than its values, fresh at every call: no key -> value binding."""
-    g = torch.Generator().manual_seed(0)
-
-    def hook(injection):
-        perm = torch.randperm(injection.n_states, generator=g)
-        injection.keys = [k[:, :, perm] for k in injection.keys]
-        return injection
-
-    return hook
-
-
 @pytest.mark.slow
 def test_adapter_alone_learns_to_read_for_a_base_that_knows_the_task(one_thread):
     """The situation of a pretrained base: the base first learns the task in context (full attention over
@@ -103,7 +92,7 @@ def test_a_broken_mechanism_fails_the_guard(one_thread, broken):
     if broken == "gates held at zero":
         result = run(config(), zero_gates=(0, 1))
     else:
-        result = run(config(), hook=_shuffle_keys())
+        result = run(config(), hook=shuffled_keys())
     assert result.acc_true < READ - 0.3, result
 
 

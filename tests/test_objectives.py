@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_llm, random_ids, tiny_model, word_shards
 
-from conftest import make_llm, random_ids, tiny_model
-from sharedctx.training.data import IGNORE, TokenShards, build_shards
+from sharedctx.training.data import IGNORE
 from sharedctx.training.objectives import (
     TeacherTopK,
     marker_ids,
@@ -23,22 +23,13 @@ from sharedctx.training.objectives import (
 )
 from sharedctx.training.reading import READING_KEYS, eval_reading
 from sharedctx.training.trainer import TrainConfig, Trainer
-from sharedctx.testing import byte_tokenizer
 
 SMALL = dict(injection_layers=2, chunk_size=64, tree_height=3, node_keep=4, policy="right")
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["stone", "river", "lamp", "green", "north", "bell", "seven", "quiet"]
-    for i in range(3):
-        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 600)))
-    (root / "held.txt").write_text(" ".join(rng.choice(words, 300)))
-    out = tmp_path_factory.mktemp("shards")
-    build_shards([root], byte_tokenizer(), out, holdout=["held.txt"])
-    return TokenShards(out)
+    return word_shards(tmp_path_factory)
 
 
 def _trainer(tmp_path, shards, *, policy="right", gates=None, **kw):

@@ -8,10 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import byte_tokenizer, make_llm, tiny_model, word_shards
 
-from conftest import byte_tokenizer, make_llm, tiny_model
-from sharedctx.training.data import build_shards, TokenShards
-from sharedctx.training.trainer import Trainer, TrainConfig, collate, load_recipe, lr_factor
+from sharedctx.training.trainer import (
+    TrainConfig,
+    Trainer,
+    collate,
+    load_recipe,
+    lr_factor,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SMALL = dict(injection_layers=2, chunk_size=32, tree_height=3, node_keep=4, policy="right")
@@ -19,15 +24,7 @@ SMALL = dict(injection_layers=2, chunk_size=32, tree_height=3, node_keep=4, poli
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["stone", "river", "lamp", "green", "north", "bell", "seven", "quiet"]
-    for i in range(3):
-        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 600)))
-    (root / "held.txt").write_text("held out " * 200)
-    out = tmp_path_factory.mktemp("shards")
-    build_shards([root], byte_tokenizer(), out, holdout=["held.txt"])
-    return TokenShards(out)
+    return word_shards(tmp_path_factory, held="held out " * 200)
 
 
 def _config(tmp_path, **kw):

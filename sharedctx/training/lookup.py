@@ -35,7 +35,7 @@ from sharedctx.testing import tiny_model
 
 __all__ = [
     "LookupBatch", "LookupResult", "LookupTask", "LookupTrainConfig", "base_model", "batch_injection",
-    "evaluate", "kept_positions", "lookup_model", "reference_injection", "train_in_context", "train_lookup",
+    "evaluate", "kept_positions", "lookup_model", "reference_injection", "shuffled_keys", "train_in_context", "train_lookup",
 ]
 
 IGNORE = -100
@@ -207,6 +207,19 @@ def reference_injection(llm: SharedLLM, contexts: torch.Tensor) -> Injection:
     (positions ``0..L-1``), every state kept, no chunk positions."""
     keys, values, _ = llm.encoder.run(contexts, llm.config.injection_layers)
     return Injection(keys=list(keys), values=list(values), key_pos=None, query_pos=torch.zeros(contexts.shape[0], dtype=torch.long))
+
+
+def shuffled_keys(seed: int = 0) -> InjectionHook:
+    """A broken-on-purpose control: each call puts a row's injected keys in another order than its values (fresh at
+    every call), so no key -> value binding survives. A mechanism that still "reads" under it is not reading."""
+    g = torch.Generator().manual_seed(seed)
+
+    def hook(injection: Injection) -> Injection:
+        perm = torch.randperm(injection.n_states, generator=g)
+        injection.keys = [k[:, :, perm] for k in injection.keys]
+        return injection
+
+    return hook
 
 
 def _inject(llm: SharedLLM, contexts: torch.Tensor, path: str, hook: InjectionHook | None) -> Injection:
