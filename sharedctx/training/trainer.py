@@ -12,14 +12,12 @@ so a resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,8 +36,6 @@ from .data import (
     lm_example,
 )
 from .objectives import (
-    MARKER,
-    TAILS,
     TeacherTopK,
     distill_example,
     marker_ids,
@@ -48,6 +44,7 @@ from .objectives import (
     teacher_topk,
     topk_kl,
 )
+from .recipe import TrainConfig, load_recipe
 
 __all__ = ["TrainConfig", "Trainer", "load_recipe", "collate", "lr_factor", "summarize_log"]
 
@@ -55,182 +52,6 @@ logger = logging.getLogger(__name__)
 
 LOG = "train_log.jsonl"
 READING_LOG = "reading_log.jsonl"
-#: tasks built from training text by the trainer itself (the synthetic ones are in `data.TASKS`)
-TEXT_TASKS = ("lm", "reconstruction", "distill", "instruction")
-
-
-@dataclass
-class TrainConfig:
-    """A training recipe (all lengths in tokens).
-
-    Attributes:
-        model: base model id or folder; None for the default SmolLM2-135M-Instruct.
-        out_dir: where checkpoints, the JSONL log and the final adapter (``out_dir/adapter``) go.
-        data: folder of shards (`sharedctx.data.build_shards`); built from ``sources`` when missing.
-        sources: text files/folders to tokenise when ``data`` holds no manifest.
-        holdout: documents of ``sources`` never trained on.
-        sharedctx: `SharedCtxConfig` fields of the adapter (its ``chunk_size`` is what inference uses).
-        context_chunks: ``[min, max]`` chunks of context per LM sample (drawn uniformly).
-        window: decoder window of an LM sample (loss on all of it but the first token).
-        tasks: mixing weights: ``lm``, ``reconstruction``, ``distill``, ``passkey``, ``kv``, ``needle``,
-            ``chunk_mention``, ``instruction`` (docs/training.md describes each).
-        recon_span, recon_level, recon_marker: reconstruction: the window is ``recon_marker`` then a context span of
-            ``recon_span`` tokens drawn inside a node the walk keeps at the finest level (``recon_level="finest"``) or
-            at any level (``"any"``); contexts of ``context_chunks`` chunks (at least 1).
-        distill_top_k, distill_tail: distillation: KL to the base model reading ``[context ; window]`` in full
-            attention, from its top-k log-probabilities; the tail as one more outcome (``bucket``) or dropped with
-            both distributions renormalised (``renormalise``). Context + window must fit the base model's window.
-        eval_every: run the reading diagnostics (`reading.eval_reading`) every this many steps and at the end (0: never);
-            results go to ``out_dir/reading_log.jsonl`` and, summarised, into the step's log record.
-        eval_text, eval_control: the held-out text and a same-genre unrelated text for the control: a document name
-            of the shards (e.g. ``books/pride_and_prejudice.txt``) or a file path.
-        eval_windows, eval_context_chunks, eval_window, eval_span: stretches per evaluation, context chunks, window
-            tokens and repeated-span tokens of the diagnostics.
-        task_chunks: ``[min, max]`` chunks of context for the synthetic tasks.
-        instruction_file: JSONL of ``{"context": ..., "question": ..., "answer": ...}`` for the ``instruction`` task.
-        init_adapter: an adapter folder to start from (fine-tuning: e.g. another policy or other tasks) instead of
-            the identity; it must fit the base model and ``sharedctx`` shapes.
-        trainable: ``injection``: every adapter parameter (the cross-attention blocks and, with
-            ``[sharedctx] upper_lora_rank > 0``, the upper layers' low-rank updates: the way to train more than the
-            paper's blocks without touching the base model); ``gates``: the gates only.
-        steps: optimiser steps; batch_size rows per micro-batch; grad_accum micro-batches per step.
-        lr, gate_lr, warmup, min_lr_ratio, weight_decay, clip: AdamW and schedule.
-        device: ``cpu``, ``cuda``...; autocast: ``bf16`` on CUDA (``none`` to disable; ignored on the CPU).
-        threads: torch CPU threads (0 leaves torch's default).
-        max_time_s: stop (saving a checkpoint and the adapter) after this much wall time; 0 for no limit.
-        stop_at_step: stop (saving a checkpoint and the adapter) once this step is done, keeping the schedule of
-            ``steps`` (a first phase of a longer run); 0 runs to ``steps``.
-    """
-
-    model: str | None = None
-    out_dir: str = "runs/sharedctx"
-    data: str = "runs/shards"
-    sources: list[str] = field(default_factory=list)
-    holdout: list[str] = field(default_factory=list)
-    sharedctx: dict[str, Any] = field(default_factory=dict)
-    context_chunks: list[int] = field(default_factory=lambda: [4, 4])
-    window: int = 4096
-    tasks: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})
-    task_chunks: list[int] = field(default_factory=lambda: [1, 4])
-    instruction_file: str | None = None
-    recon_span: int = 64
-    recon_level: str = "finest"
-    recon_marker: str = MARKER
-    distill_top_k: int = 32
-    distill_tail: str = "bucket"
-    eval_every: int = 0
-    eval_text: str | None = None
-    eval_control: str | None = None
-    eval_windows: int = 2
-    eval_context_chunks: int = 2
-    eval_window: int = 256
-    eval_span: int = 64
-    init_adapter: str | None = None
-    trainable: str = "injection"
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 2e-4
-    gate_lr: float = 3e-3
-    warmup: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    device: str = "cpu"
-    autocast: str = "bf16"
-    threads: int = 0
-    seed: int = 0
-    log_every: int = 1
-    checkpoint_every: int = 50
-    max_time_s: float = 0.0
-    stop_at_step: int = 0
-    progress: bool = True
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        for name in ("context_chunks", "task_chunks"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"TrainConfig.{name} must be [min, max] with 0 <= min <= max, got {[lo, hi]}")
-        unknown = sorted(set(self.tasks) - set(TASKS) - set(TEXT_TASKS))
-        if unknown:
-            raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TEXT_TASKS)}, {', '.join(TASKS)}")
-        if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
-            raise ValueError(f"TrainConfig.tasks must give non-negative weights with a positive sum, got {self.tasks}")
-        if self.tasks.get("instruction") and not self.instruction_file:
-            raise ValueError("the 'instruction' task needs instruction_file = a JSONL of {context, question, answer}")
-        if self.trainable not in ("injection", "gates"):
-            raise ValueError(
-                f"TrainConfig.trainable must be 'injection' (every adapter parameter) or 'gates', got {self.trainable!r}; "
-                "to train more than the cross-attention, set upper_lora_rank in the recipe's [sharedctx] table"
-            )
-        if self.recon_level not in ("finest", "any") or self.recon_span < 1 or not self.recon_marker:
-            raise ValueError(
-                f"reconstruction needs recon_level 'finest' or 'any', recon_span >= 1 and a non-empty recon_marker, "
-                f"got {self.recon_level!r}, {self.recon_span}, {self.recon_marker!r}"
-            )
-        if self.distill_tail not in TAILS or self.distill_top_k < 1:
-            raise ValueError(f"distill_tail must be one of {TAILS} and distill_top_k >= 1, got {self.distill_tail!r}, {self.distill_top_k}")
-        if self.eval_every and not (self.eval_text and self.eval_control):
-            raise ValueError("eval_every > 0 needs eval_text (held-out text) and eval_control (an unrelated text of the same genre)")
-        if self.eval_every < 0 or self.eval_windows < 1 or self.eval_context_chunks < 1 or self.eval_window < 2 or self.eval_span < 1:
-            raise ValueError("eval_every >= 0, eval_windows >= 1, eval_context_chunks >= 1, eval_window >= 2 and eval_span >= 1 are required")
-        if self.window < 2 or self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("window >= 2, steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
-        SharedCtxConfig.from_dict(self.sharedctx)  # validate early
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown recipe keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-    """Read a recipe from ``.toml``, ``.json`` or ``.yaml``/``.yml`` (YAML needs pyyaml); relative paths in
-    ``data``, ``sources``, ``out_dir``, ``instruction_file`` and ``init_adapter`` are resolved against the recipe's folder,
-    after expanding environment variables (``sources = ["$SHAREDCTX_DATA"]``); a variable left unset stays as written
-    and the trainer names it if it needs that path."""
-    path = Path(path)
-    text = path.read_text()
-    suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        data = tomllib.loads(text)
-    elif suffix == ".json":
-        data = json.loads(text)
-    elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as exc:
-            raise ImportError(f"reading {path} needs pyyaml (`pip install pyyaml`), or write the recipe as TOML or JSON") from exc
-        data = yaml.safe_load(text)
-    else:
-        raise ValueError(f"{path}: recipes are .toml, .json or .yaml files")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    data.update(overrides)
-    base = path.parent
-
-    def resolve(p: str) -> str:
-        p = os.path.expandvars(p)
-        return p if os.path.isabs(p) or "$" in p else os.path.normpath(base / p)
-
-    for key in ("data", "out_dir", "instruction_file", "init_adapter"):
-        if data.get(key) and key not in overrides:
-            data[key] = resolve(data[key])
-    if "sources" in data:
-        data["sources"] = [resolve(s) for s in data["sources"]]
-    return TrainConfig.from_dict(data)
-
-
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
     if warmup and step < warmup:
