@@ -174,15 +174,46 @@ def _open_index(args, *, create: bool):
     return llm, ContextIndex(llm, args.store, **options)
 
 
+def _build_with_ray(args):
+    """`index add --ray`: the build of `sharedctx.distributed.build_index` on the cluster at --ray-address."""
+    import functools
+
+    from .errors import InputError
+    from .index.directory import check_store_directory
+
+    if args.lazy:
+        raise InputError("--lazy and --ray do not go together: --ray encodes every chunk on the cluster; drop one")
+    check_store_directory(args.store)  # a file or a foreign directory is refused before starting Ray
+    _apply_manifest(args)
+    try:
+        import ray
+
+        from .distributed import build_index
+    except ImportError as exc:
+        raise InputError("--ray needs Ray Data: pip install 'sharedctx[ray]'") from exc
+    ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        return build_index(args.paths, args.store, model=functools.partial(_load, args), num_actors=args.ray_actors,
+                           num_gpus_per_actor=args.ray_gpus_per_actor, follow_links=args.follow_links)
+    finally:
+        ray.shutdown()
+
+
 def _cmd_index_add(args) -> int:
     t0 = time.perf_counter()
-    llm, index = _open_index(args, create=True)
-    t_load = time.perf_counter()
-    report = index.add_many(args.paths, show_progress=sys.stderr.isatty() and not args.json, follow_links=args.follow_links)
-    payload = report.to_dict()
-    payload["timings"] = {"load_s": round(t_load - t0, 4), "build_s": round(time.perf_counter() - t_load, 4)}
-    payload["store"] = str(index.directory)
-    index.close()
+    if args.ray:
+        report = _build_with_ray(args)
+        payload = report.to_dict()
+        payload["timings"] = {"load_s": 0.0, "build_s": round(time.perf_counter() - t0, 4)}
+        payload["store"] = str(args.store)
+    else:
+        llm, index = _open_index(args, create=True)
+        t_load = time.perf_counter()
+        report = index.add_many(args.paths, show_progress=sys.stderr.isatty() and not args.json, follow_links=args.follow_links)
+        payload = report.to_dict()
+        payload["timings"] = {"load_s": round(t_load - t0, 4), "build_s": round(time.perf_counter() - t_load, 4)}
+        payload["store"] = str(index.directory)
+        index.close()
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
@@ -258,6 +289,34 @@ def _cmd_index_prune(args) -> int:
         print(json.dumps({"store": str(args.store), "chunks_removed": removed, "bytes_freed": freed}, indent=2))
     else:
         print(f"removed {removed} chunks no document refers to ({freed / 2**20:.1f} MiB)")
+    return 0
+
+
+def _cmd_index_merge(args) -> int:
+    from .errors import InputError
+    from .index import DocumentTable
+    from .index.directory import check_store_directory
+    from .index.facade import merge_into
+    from .index.store import TreeStore
+
+    if not check_store_directory(args.store):
+        raise InputError(f"{args.store} holds no index; build one with `sharedctx index add --store {args.store} PATH...` first")
+    table = DocumentTable(args.store)
+    manifest = table.manifest() or {}
+    store = TreeStore(Path(args.store) / "nodes", size_limit=_size_limit(Path(args.store) / "nodes"),
+                      fingerprint=manifest.get("fingerprint"), signature=manifest.get("signature"))
+    try:
+        report = merge_into(table, store, args.shards)
+    finally:
+        store.close()
+        table.close()
+    if args.json:
+        print(json.dumps({"store": str(args.store), **report.to_dict()}, indent=2))
+    else:
+        print(f"merged {len(report.shards)} shards: {report.chunks_added} chunks added, {report.chunks_present} already "
+              f"present, {report.documents_added} documents added" + (f", {len(report.refused)} entries refused" if report.refused else ""))
+        for shard, key, reason in report.refused:
+            print(f"refused {key} of {shard}: {reason}", file=sys.stderr)
     return 0
 
 
@@ -398,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--lazy", action="store_true",
                      help="store text only and encode a chunk when a latent query first needs it (implies --policy lexical); "
                           "the index remembers it, and its policy, for `ask --store`")
+    add.add_argument("--ray", action="store_true",
+                     help="build with Ray Data: chunk on CPU workers, encode on a pool of actors (pip install 'sharedctx[ray]'; "
+                          "see docs/distributed.md)")
+    add.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="with --ray: the cluster to join ('auto' for a running one; default: start a local one)")
+    add.add_argument("--ray-actors", type=int, default=2, metavar="N", help="with --ray: encoding actors (default 2)")
+    add.add_argument("--ray-gpus-per-actor", type=float, default=0, metavar="G", help="with --ray: GPUs per actor (default 0)")
     _add_model_args(add)
     add.set_defaults(func=_cmd_index_add)
     lst = isub.add_parser("list", help="list the documents of an index")
@@ -414,6 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--store", required=True, metavar="DIR")
     prune.add_argument("--json", action="store_true")
     prune.set_defaults(func=_cmd_index_prune)
+    merge = isub.add_parser(
+        "merge", help="merge store shards or other indexes (same model and options) into the index in --store DIR",
+        description="Copy the chunks (each checksum checked) and documents of SHARD directories - node-store shards kept "
+        "by a distributed build, or whole indexes - into the index in --store DIR. A shard built by another base model or "
+        "lower-side configuration is refused before anything is copied.",
+    )
+    merge.add_argument("shards", nargs="+", metavar="SHARD")
+    merge.add_argument("--store", required=True, metavar="DIR")
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(func=_cmd_index_merge)
 
     train = sub.add_parser("train", help="train an injection adapter from a recipe (TOML, JSON or YAML)")
     train.add_argument("--config", required=True, metavar="FILE", help="recipe file, e.g. recipes/smollm2-cpu.toml")

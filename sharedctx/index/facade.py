@@ -33,7 +33,7 @@ import torch
 
 from ..concurrency import MicroBatcher
 from ..config import POLICIES
-from ..errors import InputError, StoreError, UnreadableFileError
+from ..errors import InputError, StoreError, StoreMismatchError, UnreadableFileError
 from ..generation import SAMPLING_FIELDS, AnswerStats, SamplingOptions, Timings
 from ..injection import Injection
 from ..model import SharedLLM
@@ -49,9 +49,9 @@ from .documents import (
 from .ingest import ChunkCounts, chunk_nodes, ingest_text
 from .results import AddResult, Answer, BuildReport, Citation, DocumentInfo
 from .retrieval import Forest, retrieve, text_prompt
-from .store import DEFAULT_SIZE_LIMIT, TreeStore
+from .store import DEFAULT_SIZE_LIMIT, MergeReport, TreeStore, merge_stores
 
-__all__ = ["ContextIndex"]
+__all__ = ["ContextIndex", "merge_into"]
 
 logger = logging.getLogger(__name__)
 
@@ -378,6 +378,15 @@ class ContextIndex:
                 bar.set_postfix(encoded=report.chunks_encoded, reused=report.chunks_reused)
         return report
 
+    def merge(self, shards: Iterable[str | os.PathLike]) -> MergeReport:
+        """Merge node-store shards (written by `sharedctx.distributed.build_index`) or whole index directories
+        into this index: chunks it lacks are copied after their checksums are checked, and an index shard's
+        document records are copied when newer. A shard built by another base model or lower-side configuration
+        raises `StoreMismatchError` before anything is copied. Also ``sharedctx index merge``."""
+        report = merge_into(self.table, self.store, shards)
+        self.refresh()
+        return report
+
     # ------------------------------------------------------------------ retrieval
     def _forest_view(self) -> Forest:
         with self._lock:
@@ -527,3 +536,45 @@ class ContextIndex:
 def _by_score(citations: list[Citation]) -> list[Citation]:
     return sorted(citations, key=lambda x: (-x.score, x.doc_id, x.token_start))
 
+
+
+def merge_into(table: DocumentTable, store: TreeStore, shards: Iterable[str | os.PathLike]) -> MergeReport:
+    """Merge ``shards`` into the index of ``table`` and ``store`` (usable without a model; see `ContextIndex.merge`).
+
+    A shard is a node store (a directory `TreeStore` bound to a model) or an index directory (``docs`` and
+    ``nodes``). All shards are checked against the index's manifest before anything is copied."""
+    held = table.manifest() or {}
+    mine = {k: held.get(k) for k in ("fingerprint", "signature")}
+    nodes: list[Path] = []
+    indexes: list[Path] = []
+    for shard in map(Path, shards):
+        if (shard / "docs").is_dir():
+            theirs = DocumentTable(shard)
+            manifest = theirs.manifest() or {}
+            theirs.close()
+            if {k: manifest.get(k) for k in mine} != mine:
+                raise StoreMismatchError(
+                    f"the index {shard} was built by base model {manifest.get('fingerprint')} with lower-side options "
+                    f"{manifest.get('signature')}; the target {table.directory} by {mine['fingerprint']} with "
+                    f"{mine['signature']}. Merge only indexes built with the same model and options"
+                )
+            indexes.append(shard)
+            nodes.append(shard / "nodes")
+        else:
+            nodes.append(shard)
+    report = merge_stores(store, nodes)
+    for shard in indexes:
+        theirs = DocumentTable(shard)
+        try:
+            for doc_id in theirs.ids():
+                doc = theirs.get(doc_id)
+                if doc is None:
+                    continue
+                old = table.get(doc_id)
+                if old is not None and old.seq >= doc.seq:
+                    continue
+                table.put(doc)
+                report.documents_added += 1
+        finally:
+            theirs.close()
+    return report

@@ -24,8 +24,9 @@ import os
 import sqlite3
 import struct
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import diskcache
 import numpy as np
@@ -48,6 +49,8 @@ __all__ = [
     "StoreMismatchError",
     "UnsafeEntryError",
     "chunk_key",
+    "MergeReport",
+    "merge_stores",
     "pack",
     "unpack",
 ]
@@ -380,3 +383,90 @@ class TreeStore:
 
     def __repr__(self) -> str:
         return f"TreeStore({str(self.directory)!r}, size_limit={self.size_limit})"
+
+
+# ---------------------------------------------------------------------- merging shards
+@dataclass
+class MergeReport:
+    """What `merge_stores` did: chunks copied, chunks the target held already, entries refused (with why)."""
+
+    shards: list[str] = field(default_factory=list)
+    chunks_added: int = 0
+    chunks_present: int = 0
+    documents_added: int = 0  # index shards only (`ContextIndex.merge`)
+    refused: list[tuple[str, str, str]] = field(default_factory=list)  # (shard, key, reason): corrupt or foreign
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shards": list(self.shards),
+            "chunks_added": self.chunks_added,
+            "chunks_present": self.chunks_present,
+            "documents_added": self.documents_added,
+            "refused": [{"shard": s, "key": k, "reason": r} for s, k, r in self.refused],
+        }
+
+
+def shard_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The fingerprint and signature a node store (or shard) was bound to; `StoreError` when it has none."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise StoreError(f"{path}: no such store directory")
+    blobs = BlobCache(path, size_limit=None)
+    try:
+        raw = blobs.get_raw("manifest")
+    finally:
+        blobs.close()
+    if raw is None:
+        raise StoreError(f"{path} holds no bound node store (no manifest): it cannot be checked against the target, so it is not merged")
+    return json.loads(raw)
+
+
+def merge_stores(target: TreeStore, shards: Iterable[str | os.PathLike], *, report: MergeReport | None = None) -> MergeReport:
+    """Copy the chunks of node-store ``shards`` that ``target`` lacks into it, byte for byte.
+
+    Every shard is checked first: one bound to another base model or other lower-side options raises
+    `StoreMismatchError` before anything is copied. Every entry is checked (magic, checksum, a chunk of this model)
+    before it is written; a corrupt or foreign entry is skipped and listed in the report's ``refused`` (a chunk is a
+    cache entry: it is encoded again when a query needs it). Content addressing makes the order irrelevant."""
+    if target.fingerprint is None or target.signature is None:
+        raise ValueError("merge_stores needs a target TreeStore bound to a model (fingerprint= and signature=)")
+    report = report if report is not None else MergeReport()
+    mine = {"fingerprint": target.fingerprint, "signature": dict(target.signature)}
+    dirs = [Path(s) for s in shards]
+    for d in dirs:  # all shards checked before any is copied
+        held = shard_manifest(d)
+        theirs = {"fingerprint": held.get("fingerprint"), "signature": held.get("signature")}
+        if theirs != mine:
+            raise StoreMismatchError(
+                f"the shard {d} was built by base model {theirs['fingerprint']} with lower-side options "
+                f"{theirs['signature']}; the target {target.directory} holds {mine['fingerprint']} with {mine['signature']}. "
+                "Merge only shards built with the target's model and options (rebuild this one with them)"
+            )
+    for d in dirs:
+        if d.resolve() == Path(target.directory).resolve():
+            continue
+        shard = BlobCache(d, size_limit=None)
+        try:
+            for key in shard.keys("chunk/"):
+                if key in target:
+                    report.chunks_present += 1
+                    continue
+                try:
+                    blob = shard.get_raw(key)
+                    if blob is None:  # deleted meanwhile
+                        continue
+                    _, meta = unpack(blob)
+                except (StoreError, UnsafeEntryError) as exc:
+                    report.refused.append((str(d), key, str(exc)))
+                    continue
+                if meta.get("kind") != "chunk" or meta.get("fingerprint") != target.fingerprint:
+                    report.refused.append((str(d), key, "not a chunk of this model"))
+                    continue
+                target.blobs.set_raw(key, blob)
+                report.chunks_added += 1
+        finally:
+            shard.close()
+        report.shards.append(str(d))
+    for shard, key, reason in report.refused:
+        logger.warning("merge: refused entry %s of %s: %s", key, shard, reason)
+    return report
