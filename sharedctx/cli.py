@@ -271,15 +271,9 @@ def _cmd_index_remove(args) -> int:
 
 
 def _cmd_index_prune(args) -> int:
-    from .errors import InputError
-    from .index import DocumentTable
-    from .index.directory import check_store_directory, prune_store
-    from .index.store import TreeStore
+    from .index.directory import prune_store
 
-    if not check_store_directory(args.store):
-        raise InputError(f"{args.store} holds no index")
-    table = DocumentTable(args.store)
-    store = TreeStore(Path(args.store) / "nodes", size_limit=_size_limit(Path(args.store) / "nodes"))
+    table, store = _open_store_files(args.store)
     before = store.blobs.volume()
     removed = prune_store(table, store)
     freed = before - store.blobs.volume()
@@ -293,18 +287,9 @@ def _cmd_index_prune(args) -> int:
 
 
 def _cmd_index_merge(args) -> int:
-    from .errors import InputError
-    from .index import DocumentTable
-    from .index.directory import check_store_directory
     from .index.facade import merge_into
-    from .index.store import TreeStore
 
-    if not check_store_directory(args.store):
-        raise InputError(f"{args.store} holds no index; build one with `sharedctx index add --store {args.store} PATH...` first")
-    table = DocumentTable(args.store)
-    manifest = table.manifest() or {}
-    store = TreeStore(Path(args.store) / "nodes", size_limit=_size_limit(Path(args.store) / "nodes"),
-                      fingerprint=manifest.get("fingerprint"), signature=manifest.get("signature"))
+    table, store = _open_store_files(args.store)
     try:
         report = merge_into(table, store, args.shards)
     finally:
@@ -318,6 +303,23 @@ def _cmd_index_merge(args) -> int:
         for shard, key, reason in report.refused:
             print(f"refused {key} of {shard}: {reason}", file=sys.stderr)
     return 0
+
+
+def _open_store_files(directory: str):
+    """The document table and node store of the index in ``directory``, without a model: the store keeps the size
+    limit it was opened with last and is bound to the model and options the index's manifest names."""
+    from .errors import InputError
+    from .index import DocumentTable
+    from .index.directory import check_store_directory
+    from .index.store import TreeStore
+
+    if not check_store_directory(directory):
+        raise InputError(f"{directory} holds no index; build one with `sharedctx index add --store {directory} PATH...` first")
+    table = DocumentTable(directory)
+    manifest = table.manifest() or {}
+    nodes = Path(directory) / "nodes"
+    store = TreeStore(nodes, size_limit=_size_limit(nodes), fingerprint=manifest.get("fingerprint"), signature=manifest.get("signature"))
+    return table, store
 
 
 def _size_limit(nodes: Path) -> int:
