@@ -20,6 +20,7 @@ __all__ = [
     "StoreFullError",
     "StoreMismatchError",
     "UnsafeEntryError",
+    "ReadOnlyIndexError",
     "DocumentNotFoundError",
 ]
 
@@ -73,6 +74,10 @@ class StoreError(SharedCtxError, RuntimeError):
 
 class StoreFullError(StoreError):
     """The disk holding the store is full: nothing half-written was kept."""
+
+
+class ReadOnlyIndexError(StoreError):
+    """An index or store opened with ``read_only=True`` was asked to write (add, delete, prune, merge)."""
 
 
 class StoreMismatchError(SharedCtxError, ValueError):

@@ -93,11 +93,15 @@ class _Doc:
 
 
 class DocumentTable:
-    """The documents of an index on disk (``DIR/docs``): usable without a model (listing, removing)."""
+    """The documents of an index on disk (``DIR/docs``): usable without a model (listing, removing).
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    With ``read_only``, an immutable snapshot (`BlobCache`): nothing is written, a damaged record is reported but
+    not quarantined, and writes raise `ReadOnlyIndexError`."""
+
+    def __init__(self, directory: str | os.PathLike, *, read_only: bool = False) -> None:
         self.directory = Path(directory)
-        self._blobs = BlobCache(self.directory / "docs", size_limit=None)
+        self.read_only = read_only
+        self._blobs = BlobCache(self.directory / "docs", size_limit=None, read_only=read_only)
 
     # manifest: which model and options built this index
     def manifest(self) -> dict[str, Any] | None:
@@ -106,7 +110,7 @@ class DocumentTable:
 
     def bind(self, manifest: dict[str, Any]) -> None:
         mine = json.dumps(manifest, sort_keys=True).encode()
-        held = json.loads(self._blobs.add_raw("manifest", mine))
+        held = json.loads((self._blobs.get_raw("manifest") or b"{}") if self.read_only else self._blobs.add_raw("manifest", mine))
         keys = ("fingerprint", "signature")
         if {k: held.get(k) for k in keys} != {k: manifest.get(k) for k in keys}:
             raise StoreMismatchError(
@@ -130,6 +134,10 @@ class DocumentTable:
         try:
             got = self._blobs.read("doc/" + doc_id)
         except (StoreError, UnsafeEntryError) as exc:
+            if self.read_only:
+                logger.warning("index %s: the record of document %r is damaged (%s); it is left as it is (open read-only): "
+                               "open the index without read_only to quarantine and restore it", self.directory, doc_id, exc)
+                return None
             where = self._quarantine(doc_id)
             logger.warning("index %s: the record of document %r is damaged (%s); quarantined under %r, see "
                            "`sharedctx index list --store %s`", self.directory, doc_id, exc, where, self.directory)

@@ -33,7 +33,13 @@ import torch
 
 from ..concurrency import MicroBatcher
 from ..config import POLICIES
-from ..errors import InputError, StoreError, StoreMismatchError, UnreadableFileError
+from ..errors import (
+    InputError,
+    ReadOnlyIndexError,
+    StoreError,
+    StoreMismatchError,
+    UnreadableFileError,
+)
 from ..generation import SAMPLING_FIELDS, AnswerStats, SamplingOptions, Timings
 from ..injection import Injection
 from ..model import SharedLLM
@@ -104,6 +110,11 @@ class ContextIndex:
             `retrieve` and ``text`` mode costs tokenising only. Chunks encoded later are stored like any other.
             Default: the mode the index was built with (``eager`` for a new one). A ``policy`` or ``encode`` given
             explicitly is recorded in the manifest when this index adds a document, for the next opening.
+        read_only: open an existing index as an immutable snapshot for answering: nothing in its directory is
+            written (no manifest, no access times, no SQLite lock or journal file), so any number of processes can
+            serve one index, from a read-only mount too. Valid while no process writes it; adding, deleting,
+            pruning and merging raise `ReadOnlyIndexError`; a chunk missing from the store is encoded in memory
+            for the query that needs it, not stored. See docs/distributed.md, "Serving an index".
     """
 
     def __init__(
@@ -121,6 +132,7 @@ class ContextIndex:
         batch_wait_s: float = 0.002,
         policy: str | None = None,
         encode: str | None = None,
+        read_only: bool = False,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -131,8 +143,11 @@ class ContextIndex:
         if llm.tokenizer is None:
             raise ValueError("a ContextIndex needs a SharedLLM with a tokenizer (documents are text)")
         held: dict[str, Any] = {}
-        if store is not None and check_store_directory(store):  # nothing is created before the options are checked
-            table = DocumentTable(store)
+        exists = store is not None and check_store_directory(store)  # nothing is created before the options are checked
+        if read_only and not exists:
+            raise StoreError(f"read_only=True opens an index built before; {store} holds none: build it first with ContextIndex(llm, store=...)")
+        if exists:
+            table = DocumentTable(store, read_only=read_only)
             held = table.manifest() or {}
             table.close()
         self._options = {k: v for k, v in (("policy", policy), ("encode", encode)) if v is not None}  # given, to record
@@ -156,7 +171,8 @@ class ContextIndex:
             )
         self.encode = encode
         self.llm = llm
-        if store is not None:
+        self.read_only = read_only
+        if store is not None and not read_only:
             make_store_directory(Path(store))
         self._tmp = tempfile.TemporaryDirectory(prefix="sharedctx-index-") if store is None else None
         self.directory = Path(self._tmp.name if self._tmp else store)
@@ -167,9 +183,10 @@ class ContextIndex:
         self.min_fill = min_fill
         self.signature = llm.config.lower_signature()
         self.fingerprint = llm.fingerprint
-        self.table = DocumentTable(self.directory)
+        self.table = DocumentTable(self.directory, read_only=read_only)
         self.table.bind(self._manifest())
-        self.store = TreeStore(self.directory / "nodes", size_limit=size_limit, fingerprint=self.fingerprint, signature=self.signature)
+        self.store = TreeStore(self.directory / "nodes", size_limit=size_limit, fingerprint=self.fingerprint, signature=self.signature,
+                               read_only=read_only)
         self._lock = threading.RLock()
         self._docs: dict[str, _Doc] = {}
         self._forest: Forest | None = None
@@ -197,13 +214,18 @@ class ContextIndex:
     def load(cls, directory: str | os.PathLike, llm: SharedLLM, **options: Any) -> ContextIndex:
         """Open an index built before, with the policy and encode mode it was built with unless ``options`` say
         otherwise; refuses one built by another base model or lower-side configuration."""
-        directory = Path(directory)
-        if not check_store_directory(directory) or DocumentTable(directory).manifest() is None:
+        directory, manifest = Path(directory), None
+        if check_store_directory(directory):
+            table = DocumentTable(directory, read_only=bool(options.get("read_only")))
+            manifest = table.manifest()
+            table.close()
+        if manifest is None:
             raise StoreError(f"{directory} holds no sharedctx index; build one with ContextIndex(llm, store={str(directory)!r})")
         return cls(llm, directory, **options)
 
     def persist(self, directory: str | os.PathLike | None = None) -> Path:
-        """Everything is written as it is added; with another ``directory``, copy the index there. Returns its path."""
+        """Everything is written as it is added; with another ``directory``, copy the index there (a ``read_only``
+        index too: it is only read). Returns its path."""
         if directory is None or Path(directory).resolve() == self.directory.resolve():
             return self.directory
         target = ContextIndex(self.llm, directory, size_limit=self.store.size_limit, policy=self.policy, encode=self.encode)
@@ -225,7 +247,8 @@ class ContextIndex:
 
         A damaged record is never deleted: reading it quarantines it (`DocumentTable.get`). It is written again
         from this index's copy when it holds one, else restored from its source file when that file still holds the
-        same text (same SHA-256); the others are logged and listed by `quarantined` with how to restore them."""
+        same text (same SHA-256); the others are logged and listed by `quarantined` with how to restore them.
+        A ``read_only`` index only logs damaged records."""
         ids = set(self.table.ids())
         with self._lock:
             for doc_id in list(self._docs):
@@ -235,7 +258,7 @@ class ContextIndex:
                 doc = self.table.get(doc_id)
                 if doc is None:
                     held = self._docs.get(doc_id)
-                    if held is not None:  # damaged on disk while this index holds a sound copy: write it back
+                    if held is not None and not self.read_only:  # damaged on disk while this index holds a sound copy: write it back
                         self.table.put(held)
                         logger.warning("index %s: rewrote the damaged record of document %r from memory", self.directory, doc_id)
                     continue
@@ -244,7 +267,7 @@ class ContextIndex:
                     self._docs[doc_id] = doc
             self._forest = None
             for q in self.table.quarantined():
-                if q.restorable and q.source is not None:
+                if q.restorable and not self.read_only and q.source is not None:
                     try:
                         ingest_text(self, q.doc_id, read_document(q.source), dict(q.metadata), q.source)
                     except Exception as exc:  # reported below with the way to restore it by hand
@@ -259,6 +282,13 @@ class ContextIndex:
     def quarantined(self) -> list[QuarantinedDocument]:
         """Documents whose records are damaged and set aside (bytes kept), each with how to restore it."""
         return self.table.quarantined()
+
+    def _writable(self, what: str) -> None:
+        if self.read_only:
+            raise ReadOnlyIndexError(
+                f"cannot {what}: the index {self.directory} is open read-only (for answering); open it with "
+                f"ContextIndex.load({str(self.directory)!r}, llm) in one process to change it, then reopen the readers"
+            )
 
     def close(self) -> None:
         if self._batcher is not None:
@@ -288,6 +318,7 @@ class ContextIndex:
 
     def delete(self, doc_id: str) -> None:
         """Remove a document (its chunks stay in the store for other documents until evicted or `prune`d)."""
+        self._writable("delete a document")
         with self._lock:
             if doc_id not in self._docs and self.table.get(doc_id) is None:
                 raise DocumentNotFoundError(f"no document {doc_id!r} in the index {self.directory}; see documents()")
@@ -300,6 +331,7 @@ class ContextIndex:
 
         Safe while other processes read or build the same index: see `prune_store`. Also ``sharedctx index prune``.
         """
+        self._writable("prune the store")
         with self._lock:
             mine = {k for d in self._docs.values() for k in d.chunk_keys}
         return prune_store(self.table, self.store, keep=mine)
@@ -333,6 +365,7 @@ class ContextIndex:
         return self._ingest(str(doc_id), text, metadata, None)
 
     def _ingest(self, doc_id: str, text: str, metadata: Mapping[str, Any] | None, source: str | None) -> AddResult:
+        self._writable("add a document")
         result = ingest_text(self, doc_id, text, dict(metadata or {}), source)
         if self._options:  # options given explicitly: the next opening uses them
             self.table.remember(**self._options)
@@ -353,6 +386,7 @@ class ContextIndex:
         links that lead outside a directory being added are skipped. Texts go through `add_text`."""
         from tqdm.auto import tqdm
 
+        self._writable("add documents")
         report = BuildReport()
         work: list[Path] = []
         for item in paths:
@@ -383,6 +417,7 @@ class ContextIndex:
         into this index: chunks it lacks are copied after their checksums are checked, and an index shard's
         document records are copied when newer. A shard built by another base model or lower-side configuration
         raises `StoreMismatchError` before anything is copied. Also ``sharedctx index merge``."""
+        self._writable("merge into the index")
         report = merge_into(self.table, self.store, shards)
         self.refresh()
         return report

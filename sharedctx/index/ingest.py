@@ -128,7 +128,8 @@ def ingest_text(index: ContextIndex, doc_id: str, text: str, metadata: dict[str,
 
 
 def chunk_nodes(index: ContextIndex, doc: _Doc, c: int, counts: ChunkCounts) -> ChunkNodes:
-    """A chunk's nodes from the store, or encoded again (and stored) when missing, evicted or corrupt."""
+    """A chunk's nodes from the store, or encoded again (and stored, unless the index is read-only) when missing,
+    evicted or corrupt."""
     key = doc.chunk_keys[c]
     nodes = index.store.get_chunk(key)
     if nodes is not None:
@@ -138,9 +139,11 @@ def chunk_nodes(index: ContextIndex, doc: _Doc, c: int, counts: ChunkCounts) -> 
     if index.store.key(ids) != key:
         raise StoreError(f"document {doc.doc_id!r} is inconsistent (chunk {c} does not match its address); add it again")
     nodes = index.llm.encoder.encode_chunks([ids])[0]
+    counts.chunks_encoded += 1
+    if index.store.read_only:  # a read-only index encodes in memory only
+        return nodes
     try:
         index.store.put_chunk(key, nodes, n_tokens=ids.numel())
     except StoreError as exc:  # answering still works; the next query encodes it again
         logger.warning("could not store chunk %d of %r: %s", c, doc.doc_id, exc)
-    counts.chunks_encoded += 1
     return nodes

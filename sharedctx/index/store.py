@@ -24,6 +24,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import (
+    ReadOnlyIndexError,
     StoreError,
     StoreFullError,
     StoreMismatchError,
@@ -159,11 +161,80 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------- read-only snapshots
+class _Snapshot:
+    """A diskcache directory read as an immutable snapshot: SQLite opened ``mode=ro&immutable=1`` (no lock taken, no
+    ``-wal``/``-shm`` file made, nothing written, so it also works on a read-only mount), values read as diskcache
+    stores them (inline, or in their own file). Valid while no process writes the directory: one with writes not
+    yet checkpointed into ``cache.db`` (a writer has it open, or ended without closing it) is refused."""
+
+    def __init__(self, directory: Path) -> None:
+        db, wal = directory / "cache.db", directory / "cache.db-wal"
+        if not db.is_file():
+            raise StoreError(f"{directory} holds no store (no cache.db) to open read-only; build the index first")
+        if wal.is_file() and wal.stat().st_size > 0:
+            raise StoreError(
+                f"{directory} has writes not yet checkpointed into cache.db: a process has it open for writing, or one "
+                "ended without closing it. Close the writers (or open the index once without read_only, which "
+                "checkpoints), then open it read-only"
+            )
+        self._uri = db.resolve().as_uri() + "?mode=ro&immutable=1"
+        self._disk = SafeDisk(str(directory))
+        self._local = threading.local()
+
+    def _sql(self, query: str, params: tuple = ()) -> sqlite3.Cursor:
+        if getattr(self._local, "pid", None) != os.getpid():  # one connection per thread and process
+            self._local.con = sqlite3.connect(self._uri, uri=True, isolation_level=None, check_same_thread=False)
+            self._local.pid = os.getpid()
+        return self._local.con.execute(query, params)
+
+    def get(self, key: str, retry: bool = True) -> bytes | None:
+        rows = self._sql("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1 AND "
+                         "(expire_time IS NULL OR expire_time > ?)", (key, time.time())).fetchall()
+        if not rows:
+            return None
+        try:
+            return self._disk.fetch(*rows[0], False)
+        except OSError:  # its value file is gone: a miss, as diskcache reports it
+            return None
+
+    def __contains__(self, key: str) -> bool:
+        return bool(self._sql("SELECT 1 FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchall())
+
+    def _setting(self, name: str) -> int:
+        rows = self._sql("SELECT value FROM Settings WHERE key = ?", (name,)).fetchall()
+        return int(rows[0][0]) if rows else 0
+
+    def __len__(self) -> int:
+        return self._setting("count")
+
+    def volume(self) -> int:
+        ((pages,),) = self._sql("PRAGMA page_count").fetchall()
+        ((page_size,),) = self._sql("PRAGMA page_size").fetchall()
+        return pages * page_size + self._setting("size")
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None and self._local.pid == os.getpid():
+            con.close()
+        self._local = threading.local()
+
+
 # ---------------------------------------------------------------------- a checked bytes cache
 class BlobCache:
-    """A diskcache of checked blobs: bytes in, bytes out, never pickle; thread- and process-safe."""
+    """A diskcache of checked blobs: bytes in, bytes out, never pickle; thread- and process-safe.
 
-    def __init__(self, directory: str | os.PathLike, *, size_limit: int | None = None) -> None:
+    With ``read_only``, an immutable snapshot (`_Snapshot`): nothing in the directory is written, a corrupt entry
+    is a miss but stays on disk, and every write raises `ReadOnlyIndexError`."""
+
+    def __init__(self, directory: str | os.PathLike, *, size_limit: int | None = None, read_only: bool = False) -> None:
+        self.read_only = read_only
+        self._lock = threading.Lock()
+        self.counts = {"hits": 0, "misses": 0, "writes": 0, "corrupt": 0, "refused": 0}
+        if read_only:
+            self.directory = Path(directory)
+            self._cache: Any = _Snapshot(self.directory)
+            return
         self.directory = _private_dir(Path(directory))
         settings: dict[str, Any] = {"eviction_policy": "none"} if size_limit is None else {
             "eviction_policy": "least-recently-used",
@@ -174,8 +245,15 @@ class BlobCache:
             self._cache = diskcache.Cache(str(self.directory), disk=SafeDisk, timeout=60, **settings)
         except Exception as exc:
             raise StoreError(f"cannot open the store in {self.directory}: {exc}") from exc
-        self._lock = threading.Lock()
-        self.counts = {"hits": 0, "misses": 0, "writes": 0, "corrupt": 0, "refused": 0}
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyIndexError(f"the store in {self.directory} is open read-only; open it without read_only=True to write")
+
+    def _drop(self, key: str) -> None:
+        """Delete a corrupt or unsafe entry (a read-only snapshot keeps it: the caller sees a miss)."""
+        if not self.read_only:
+            self.delete(key)
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -188,7 +266,7 @@ class BlobCache:
         except UnsafeEntryError as exc:
             logger.warning("store %s: %s; dropping entry %s", self.directory, exc, key)
             self._count("refused")
-            self.delete(key)
+            self._drop(key)
             self._count("misses")
             return None
         if blob is None:
@@ -199,7 +277,7 @@ class BlobCache:
         except Exception as exc:
             logger.warning("store %s: entry %s is corrupt (%s); dropping it", self.directory, key, exc)
             self._count("corrupt")
-            self.delete(key)
+            self._drop(key)
             self._count("misses")
             return None
         self._count("hits")
@@ -226,11 +304,13 @@ class BlobCache:
     def rename(self, key: str, new_key: str) -> bool:
         """Move the entry at ``key`` to ``new_key`` (which must be free) without reading its value: the same
         bytes, inline or in their file, under another key. False when ``key`` is missing."""
+        self._writable()
         with self._cache.transact(retry=True):
             cur = self._cache._sql("UPDATE Cache SET key = ? WHERE key = ? AND raw = 1", (new_key, key))
             return cur.rowcount > 0
 
     def set(self, key: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+        self._writable()
         blob = pack(tensors, metadata)
         try:
             self._cache.set(key, blob, retry=True)
@@ -246,6 +326,7 @@ class BlobCache:
 
     def add_raw(self, key: str, value: bytes) -> bytes:
         """Store ``value`` under ``key`` unless present (atomically); return what the store now holds."""
+        self._writable()
         self._cache.add(key, value, retry=True)
         return self._cache.get(key, retry=True)
 
@@ -253,9 +334,11 @@ class BlobCache:
         return self._cache.get(key, retry=True)
 
     def set_raw(self, key: str, value: bytes) -> None:
+        self._writable()
         self._cache.set(key, value, retry=True)
 
     def delete(self, key: str) -> bool:
+        self._writable()
         return bool(self._cache.delete(key, retry=True))
 
     def __contains__(self, key: str) -> bool:
@@ -285,6 +368,8 @@ class TreeStore:
         size_limit: bytes on disk before the least recently used chunks are evicted (default 4 GiB).
         fingerprint, signature: when given, the store is bound to that base model and lower-side configuration:
             the first opening records them, a later opening with others raises `StoreMismatchError`.
+        read_only: open an existing store as an immutable snapshot (see `BlobCache`): nothing is written, not
+            even access times; writes raise `ReadOnlyIndexError`.
     """
 
     def __init__(
@@ -294,12 +379,16 @@ class TreeStore:
         size_limit: int = DEFAULT_SIZE_LIMIT,
         fingerprint: str | None = None,
         signature: Mapping[str, Any] | None = None,
+        read_only: bool = False,
     ) -> None:
-        self.directory = _private_dir(Path(directory))
+        self.directory = Path(directory) if read_only else _private_dir(Path(directory))
         self.size_limit = int(size_limit)
+        self.read_only = read_only
         try:
-            self._blobs = BlobCache(self.directory, size_limit=self.size_limit)
+            self._blobs = BlobCache(self.directory, size_limit=self.size_limit, read_only=read_only)
         except StoreError as exc:
+            if read_only:
+                raise
             raise StoreError(
                 f"{exc}. The node store is a cache that can be rebuilt: every node is encoded again from the documents "
                 f"when a query needs it. To rebuild it, delete it (`rm -r {self.directory}`) and open the index again; "
@@ -312,7 +401,9 @@ class TreeStore:
 
     def _bind(self, fingerprint: str, signature: dict[str, Any]) -> None:
         mine = json.dumps({"fingerprint": fingerprint, "signature": signature}, sort_keys=True).encode()
-        held = self._blobs.add_raw("manifest", mine)
+        held = self._blobs.get_raw("manifest") if self.read_only else self._blobs.add_raw("manifest", mine)
+        if held is None:  # read-only: nothing bound it yet
+            raise StoreError(f"the store in {self.directory} is not bound to a model yet; open it without read_only first")
         if held != mine:
             try:
                 theirs = json.loads(held)
@@ -338,7 +429,7 @@ class TreeStore:
         tensors, meta = got
         if meta.get("kind") != "chunk" or (self.fingerprint is not None and meta.get("fingerprint") != self.fingerprint):
             logger.warning("store %s: entry %s is not a chunk of this model; dropping it", self.directory, key)
-            self._blobs.delete(key)
+            self._blobs._drop(key)
             return None
         nodes: ChunkNodes = {}
         for name, t in tensors.items():
