@@ -217,6 +217,36 @@ def index_rows(data: dict) -> list[str]:
     return rows
 
 
+def lexicon_rows(data: dict) -> list[str]:
+    """benchmarks/bench_lexicon.py: ranking chunks by BM25 as the corpus grows, the old scan against the inverted lexicon."""
+    cmd, mach = _command(data), _machine(data["machine"])
+    rows = []
+    for r in data["results"]:
+        s, i = r["scan"], r["inverted"]
+        add = i["add_document"]
+        index = r.get("index")
+        end = (f"; `ContextIndex.retrieve` end to end {index['retrieve_ms']['median']:.1f} / {index['retrieve_ms']['p95']:.1f} ms "
+               f"({index['tokens']:,} tokens as the index tokenises them)") if index else ""
+        rows.append(
+            f"| lexical ranking of {r['chunks']:,} chunks ({r['tokens']:,} tokens, {r['documents']} documents): ms per query "
+            f"(score + top {data['config']['top_k']}), median / p95, BM25 scan vs inverted lexicon; cost of a change | "
+            f"scan {s['query_ms']['median']:.2f} / {s['query_ms']['p95']:.2f} ms vs inverted {i['query_ms']['median']:.2f} / "
+            f"{i['query_ms']['p95']:.2f} ms ({r['speedup_median']:.0f}x; same rankings: {'yes' if r['same_rankings'] else 'NO'}, "
+            f"largest score difference {r['max_abs_score_diff']:g}){end}; scan rebuilt after any change {s['build_s']:.2f} s vs "
+            f"one document of ~{add['tokens_each'][0]:,} tokens added {add['median_s'] * 1000:.1f} ms, one deleted "
+            f"{i['delete_document_s'] * 1000:.1f} ms; lexicon built {i['build_s']:.2f} s, reopened {i['open_s']:.2f} s | {cmd} | {mach} |"
+        )
+    g = data.get("growth")
+    if g and len(data["results"]) > 1:
+        idx = f", `retrieve` x{g['index_retrieve_median']}" if "index_retrieve_median" in g else ""
+        rows.append(
+            f"| growth from {g['from_tokens']:,} to {g['to_tokens']:,} tokens (x{g['tokens']}) | median query: scan x{g['scan_query_median']}, "
+            f"inverted x{g['inverted_query_median']} (p95 x{g['inverted_query_p95']}){idx}; add a document: inverted "
+            f"x{g['inverted_add_document']}, scan rebuild x{g['scan_build']} | {cmd} | {mach} |"
+        )
+    return rows
+
+
 def selection_rows(data: dict) -> list[str]:
     """benchmarks/bench_selection.py: does the question's score put the answer's chunk on top?"""
     cmd = _command(data)
@@ -251,6 +281,7 @@ ROWS = {
     "core": core_rows,
     "efficiency": efficiency_rows,
     "index": index_rows,
+    "lexicon": lexicon_rows,
     "selection": selection_rows,
     "finding": finding_rows,
     "ppl": ppl_rows,
@@ -277,6 +308,14 @@ SECTIONS = {
         "The index: build, cold and warm queries, concurrency (`bench_index.py`)",
         ("A `ContextIndex` built over one long text: build time, first token of the first (cold) and a later (warm) query, "
          "questions asked at once from several threads, and the lazily encoded text-only build."),
+    ),
+    "lexicon": (
+        "Lexical ranking as the corpus grows (`bench_lexicon.py`)",
+        ("The ranking step of `ContextIndex.retrieve` under the `lexical` policy, over corpora built from the shared "
+         "books, code and TeX (repeated with varied words past their own size), chunked as the index chunks: the old "
+         "BM25 scan of every chunk against the inverted lexicon kept in the index (`sharedctx.index.lexicon`), on 25 "
+         "questions; both give the same scores. A change costs the scan a full recount before the next query, the "
+         "lexicon the changed document's segment and a rebuild of one tier. See docs/lexicon.md."),
     ),
     "selection": (
         "Chunk selection: does the question's score put the answer's chunk first? (`bench_selection.py`)",

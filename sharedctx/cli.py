@@ -266,6 +266,7 @@ def _cmd_index_remove(args) -> int:
         raise DocumentNotFoundError(f"no documents {missing} in {args.store}; see `sharedctx index list --store {args.store}`")
     for doc_id in args.doc_ids:
         table.delete(doc_id)
+    _prune_lexicon(args.store, table)
     print(f"removed {len(args.doc_ids)} documents")
     return 0
 
@@ -276,6 +277,7 @@ def _cmd_index_prune(args) -> int:
     table, store = _open_store_files(args.store)
     before = store.blobs.volume()
     removed = prune_store(table, store)
+    _prune_lexicon(args.store, table)
     freed = before - store.blobs.volume()
     store.close()
     table.close()
@@ -303,6 +305,16 @@ def _cmd_index_merge(args) -> int:
         for shard, key, reason in report.refused:
             print(f"refused {key} of {shard}: {reason}", file=sys.stderr)
     return 0
+
+
+def _prune_lexicon(directory: str, table) -> None:
+    """Delete the kept word counts (DIR/lexicon) of documents the table no longer holds."""
+    from .index.lexicon import LexiconFiles
+
+    if (Path(directory) / "lexicon").is_dir():
+        files = LexiconFiles(Path(directory) / "lexicon")
+        files.prune(table.ids())
+        files.close()
 
 
 def _open_store_files(directory: str):

@@ -109,7 +109,7 @@ def test_report_covers_every_benchmark(bench):
     text = report.table(bench[1], "_quick")
     for name, kind in (("finding_quick.json", "finding things"), ("efficiency_quick.json", "time to first token"),
                        ("ppl_quick.json", "PPL of the last"), ("ablations_quick.json", "ablation"),
-                       ("selection_quick.json", "chunk selection")):
+                       ("selection_quick.json", "chunk selection"), ("lexicon_quick.json", "lexical ranking")):
         if name in test_files:
             assert kind in text
     assert text.count("\n") > 5
@@ -147,6 +147,24 @@ def test_selection_quick(bench):
         cell = per["512"]
         assert 0.0 <= cell["recall@1"] <= cell["recall@2"] <= cell["recall@8"] <= 1.0
     assert (bench[1] / "selection_quick.png").is_file()
+
+
+def test_lexicon_quick(bench):
+    import bench_lexicon
+
+    model, out = bench
+    r = bench_lexicon.main(["--quick", "--model", str(model), "--chunk-size", "64", "--out", str(out)])
+    assert r["config"]["corpus"]["folder"].endswith("benchmarks/data") and len(r["config"]["questions"]) >= 20
+    assert [x["target_tokens"] for x in r["results"]] == [20_000, 60_000]
+    for x in r["results"]:
+        assert x["tokens"] >= x["target_tokens"] and x["chunks"] > 100
+        assert x["same_rankings"] is True and x["max_abs_score_diff"] == 0.0
+        inv = x["inverted"]
+        assert inv["query_ms"]["n"] == 2 * len(r["config"]["questions"]) and 0 < inv["query_ms"]["median"] <= inv["query_ms"]["p95"]
+        assert inv["add_document"]["documents"] == 2 and inv["delete_document_s"] > 0 and inv["open_s"] > 0
+        assert x["index"]["retrieve_ms"]["median"] > 0 and x["index"]["tokens"] >= x["tokens"]
+    assert r["growth"]["tokens"] > 2
+    assert (out / "lexicon_quick.png").stat().st_size > 1000
 
 
 def test_offline_tiktoken_serves_a_local_cl100k_as_tiktoken_cache(bench, tmp_path, monkeypatch):

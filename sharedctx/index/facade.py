@@ -53,6 +53,7 @@ from .documents import (
     read_document,
 )
 from .ingest import ChunkCounts, chunk_nodes, ingest_text
+from .lexicon import ChunkLexicon, LexiconFiles, Segment
 from .results import AddResult, Answer, BuildReport, Citation, DocumentInfo
 from .retrieval import Forest, retrieve, text_prompt
 from .store import DEFAULT_SIZE_LIMIT, MergeReport, TreeStore, merge_stores
@@ -190,6 +191,8 @@ class ContextIndex:
         self._lock = threading.RLock()
         self._docs: dict[str, _Doc] = {}
         self._forest: Forest | None = None
+        #: BM25 postings of every chunk's text, kept in DIR/lexicon beside the documents (`sharedctx.index.lexicon`)
+        self.lexicon = ChunkLexicon(self.directory / "lexicon", read_only=read_only)
         self.counters = {"chunks_encoded": 0, "chunks_cached": 0}
         self.max_batch_queries = max_batch_queries
         self._batcher = (
@@ -239,6 +242,7 @@ class ContextIndex:
                     nodes = chunk_nodes(self, doc, c, ChunkCounts())
                     target.store.put_chunk(key, nodes, n_tokens=doc.chunk_ids(c).numel())
             target.table.put(doc)
+            target.lexicon.files.save(Segment.of(doc))
         target.close()
         return Path(directory)
 
@@ -278,6 +282,8 @@ class ContextIndex:
                                        self.directory, q.doc_id, q.source)
                         continue
                 logger.warning("index %s: %s", self.directory, q.advice(self.directory))
+            # the lexicon follows the documents; loaded now when the policy ranks by it
+            self.lexicon.sync(self._docs.values(), load=self.policy == "lexical")
 
     def quarantined(self) -> list[QuarantinedDocument]:
         """Documents whose records are damaged and set aside (bytes kept), each with how to restore it."""
@@ -295,6 +301,7 @@ class ContextIndex:
             self._batcher.close()
         self.store.close()
         self.table.close()
+        self.lexicon.close()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -324,6 +331,7 @@ class ContextIndex:
                 raise DocumentNotFoundError(f"no document {doc_id!r} in the index {self.directory}; see documents()")
             self.table.delete(doc_id)
             self._docs.pop(doc_id, None)
+            self.lexicon.remove(doc_id)
             self._forest = None
 
     def prune(self) -> int:
@@ -334,7 +342,9 @@ class ContextIndex:
         self._writable("prune the store")
         with self._lock:
             mine = {k for d in self._docs.values() for k in d.chunk_keys}
-        return prune_store(self.table, self.store, keep=mine)
+        removed = prune_store(self.table, self.store, keep=mine)
+        self.lexicon.prune(self.table.ids())  # word counts of documents removed by other processes
+        return removed
 
     def add(self, path: str | os.PathLike, doc_id: str | None = None, metadata: Mapping[str, Any] | None = None) -> AddResult:
         """Add (or replace) the text file at ``path`` (a ``str`` or ``os.PathLike``); the document id defaults to
@@ -426,7 +436,8 @@ class ContextIndex:
     def _forest_view(self) -> Forest:
         with self._lock:
             if self._forest is None:
-                self._forest = Forest.of(list(self._docs.values()), self.llm.base.config.hidden_size)
+                lexicon = self.lexicon if self.policy == "lexical" else None  # its view is made here, under the lock
+                self._forest = Forest.of(list(self._docs.values()), self.llm.base.config.hidden_size, lexicon)
             return self._forest
 
     def _question_ids(self, question: str) -> torch.Tensor:
@@ -598,6 +609,7 @@ def merge_into(table: DocumentTable, store: TreeStore, shards: Iterable[str | os
         else:
             nodes.append(shard)
     report = merge_stores(store, nodes)
+    lexicon = LexiconFiles(table.directory / "lexicon")  # the copied documents' word counts
     for shard in indexes:
         theirs = DocumentTable(shard)
         try:
@@ -609,7 +621,9 @@ def merge_into(table: DocumentTable, store: TreeStore, shards: Iterable[str | os
                 if old is not None and old.seq >= doc.seq:
                     continue
                 table.put(doc)
+                lexicon.save(Segment.of(doc))
                 report.documents_added += 1
         finally:
             theirs.close()
+    lexicon.close()
     return report

@@ -120,9 +120,11 @@ def ingest_text(index: ContextIndex, doc_id: str, text: str, metadata: dict[str,
         source=source,
     )
     index.table.put(doc)
+    segment = index.lexicon.segment(doc)  # its word counts, written after the record (see sharedctx.index.lexicon)
     with index._lock:
         result.replaced = old is not None
         index._docs[doc_id] = doc
+        index.lexicon.put(doc, segment)
         index._forest = None
     return result
 

@@ -1,9 +1,10 @@
 """Retrieval over an index's forest of chunk trees: rank chunks, walk the kept trees, cite what was kept.
 
-For a question, the chunks of every document are ranked (BM25 of their text under the ``lexical`` policy, else
-cosine of their root keys with the query key), the best are kept within ``top_k`` and a budget of injected
-states, and their trees are walked by `sharedctx.policy.walk_trees` with the policy's scorer, exactly as
-`SharedLLM.select` walks one document. Node states are read from the store only when injected.
+For a question, the chunks of every document are ranked (BM25 of their text under the ``lexical`` policy, read
+from the index's inverted lexicon, `sharedctx.index.lexicon`; else cosine of their root keys with the query key),
+the best are kept within ``top_k`` and a budget of injected states, and their trees are walked by
+`sharedctx.policy.walk_trees` with the policy's scorer, exactly as `SharedLLM.select` walks one document. Node
+states are read from the store only when injected.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from ..errors import InputError
 from ..model import SharedLLM
 from ..ops.sampling import sample_indices
-from ..ops.scoring import BM25, cosine_scores
+from ..ops.scoring import cosine_scores
 from ..policy import (
     Scorer,
     SelectedNode,
@@ -29,6 +30,7 @@ from ..policy import (
 )
 from .documents import _Doc
 from .ingest import ChunkCounts, chunk_nodes
+from .lexicon import ChunkLexicon, LexiconView
 from .results import Citation
 
 #: a `ContextIndex` (not imported here: facade.py imports this module)
@@ -41,24 +43,39 @@ TEXT_PROMPT = "Answer the question using the context passages.\n\n{passages}\n\n
 
 @dataclass
 class Forest:
-    """Every chunk of every document in document order, their root keys, and (made on first use) BM25
-    statistics over their text. Rebuilt when documents change."""
+    """Every chunk of every document in document order, their root keys and token counts, and BM25 over their
+    text (a `LexiconView` of the index's kept lexicon, else one counted on first use). Rebuilt when documents
+    change."""
 
     entries: list[tuple[_Doc, int]]
     root_keys: torch.Tensor  # (n_chunks, hidden)
-    _lexicon: BM25 | None = field(default=None, repr=False)
+    n_tokens: list[int]  # (n_chunks,) tokens of each chunk
+    docs: list[_Doc] = field(default_factory=list, repr=False)
+    _lexicon: LexiconView | None = field(default=None, repr=False)
+    _budgets: dict[tuple, list[int]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, docs: list[_Doc], hidden: int) -> Forest:
+    def of(cls, docs: list[_Doc], hidden: int, lexicon: ChunkLexicon | None = None) -> Forest:
+        """The forest of ``docs``; with ``lexicon`` (the index's), its view of them is made now, under the caller's
+        lock, so that the documents and their statistics are the same set."""
         docs = sorted(docs, key=lambda d: (d.seq, d.doc_id))
         entries = [(d, c) for d in docs for c in range(d.n_chunks)]
         keys = torch.cat([d.root_keys for d in docs]) if docs else torch.zeros(0, hidden)
-        return cls(entries, keys)
+        n_tokens = torch.cat([d.bounds.diff() for d in docs]).tolist() if docs else []
+        return cls(entries, keys, n_tokens, docs, None if lexicon is None else lexicon.view(docs))
 
-    def lexicon(self) -> BM25:
+    def lexicon(self) -> LexiconView:
         if self._lexicon is None:
-            self._lexicon = BM25([span_text(d, int(d.bounds[c]), int(d.bounds[c + 1])) for d, c in self.entries])
+            self._lexicon = ChunkLexicon().view(self.docs)
         return self._lexicon
+
+    def budgets(self, *, keep: int, height: int, expand_margin: float | None) -> list[int]:
+        """`chunk_state_budget` of every chunk, computed once per forest (not per query)."""
+        key = (keep, height, expand_margin)
+        if key not in self._budgets:
+            memo = {n: chunk_state_budget(n, keep=keep, height=height, expand_margin=expand_margin) for n in set(self.n_tokens)}
+            self._budgets[key] = [memo[n] for n in self.n_tokens]
+        return self._budgets[key]
 
 
 @dataclass
@@ -131,10 +148,7 @@ def retrieve(index: ContextIndex, prompt_ids: torch.Tensor, question: str, top_k
             return torch.stack([load(n[0], (n[1], n[2]))().key for n in node_ids])
 
         scorer = make_scorer("query", query_key=qkey, keys_of=keys_of)  # blind policies still cite by keys
-    budgets = [
-        chunk_state_budget(int(d.bounds[c + 1] - d.bounds[c]), keep=cfg.node_keep, height=cfg.tree_height, expand_margin=index.expand_margin)
-        for d, c in entries
-    ]
+    budgets = forest.budgets(keep=cfg.node_keep, height=cfg.tree_height, expand_margin=index.expand_margin)
     kept += sorted(rank_chunks(scores=chunk_scores, top_k=top_k or index.top_k, states_per_chunk=budgets, max_states=max_states))
     spans = {rank: (0, int(entries[g][0].chunk_ids(entries[g][1]).numel())) for rank, g in enumerate(kept)}
     chooser = make_chooser(policy, scorer=scorer, generator=torch.Generator().manual_seed(cfg.seed), expand_margin=index.expand_margin)
