@@ -405,7 +405,10 @@ def _cmd_ask_store(args) -> int:
 def _cmd_train(args) -> int:
     from .training.trainer import Trainer, load_recipe
 
-    overrides = {"out_dir": args.out_dir, "steps": args.steps, "device": args.device, "threads": args.threads, "max_time_s": args.max_time_s}
+    if args.config is None:
+        raise ValueError("give a recipe: sharedctx train --config FILE (or sharedctx train teacher --config FILE)")
+    overrides = {"out_dir": args.out_dir, "steps": args.steps, "device": args.device, "threads": args.threads, "max_time_s": args.max_time_s,
+                 "teacher_dir": args.teacher_dir}
     if args.eval_every is not None:
         overrides["eval_every"] = args.eval_every
     if args.sources:
@@ -506,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=_cmd_index_merge)
 
     train = sub.add_parser("train", help="train an injection adapter from a recipe (TOML, JSON or YAML)")
-    train.add_argument("--config", required=True, metavar="FILE", help="recipe file, e.g. recipes/smollm2-cpu.toml")
+    train.add_argument("--config", metavar="FILE", help="recipe file, e.g. recipes/smollm2-cpu.toml (required)")
     train.add_argument("--out-dir", default=None, help="override the recipe's out_dir")
     train.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
     train.add_argument("--device", default=None, help="override the recipe's device")
@@ -517,7 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="start over even if out_dir has a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--export", default=None, metavar="DIR", help="write the adapter of the latest checkpoint to DIR and stop (no training)")
+    train.add_argument("--teacher-dir", default=None, metavar="DIR", help="read distill teachers from shards of `sharedctx train teacher` (overrides the recipe's teacher_dir)")
     train.set_defaults(func=_cmd_train)
+    from .training.teacher import add_teacher_parser
+
+    add_teacher_parser(train)
 
     from .training.evaluate import add_eval_parser
 

@@ -22,6 +22,8 @@ __all__ = [
     "UnsafeEntryError",
     "ReadOnlyIndexError",
     "DocumentNotFoundError",
+    "TeacherMismatchError",
+    "TeacherShardError",
 ]
 
 
@@ -93,3 +95,14 @@ class DocumentNotFoundError(SharedCtxError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message
         return str(self.args[0]) if self.args else ""
+
+
+# ---------------------------------------------------------------------- training
+class TeacherMismatchError(SharedCtxError, ValueError):
+    """Precomputed teacher shards were made by another base model or with other teacher settings (top-k, tail,
+    window, context chunks, chunk size), or, when resuming a precomputation, by another recipe."""
+
+
+class TeacherShardError(SharedCtxError, ValueError):
+    """A folder of precomputed teacher shards is missing, damaged (a checksum differs), or holds files that are not
+    its own (e.g. a pickle): refused, never loaded."""

@@ -14,10 +14,10 @@ needed. The query is the marker alone, computed before the span is appended, so 
 **Distillation** (``distill`` task). The teacher is the frozen base model (the same `SharedLLM` with injection
 disabled) reading ``[context ; window]`` in full attention, which must fit in its trained window; the student is the
 model reading the window with the context injected. The loss is KL(teacher || student) on the window's scored
-positions, from the teacher's top-k log-probabilities (computed on the fly). With ``tail="bucket"`` (default) the
-teacher's remaining mass is one explicit extra outcome: the KL between the two distributions coarsened to
-``k + 1`` outcomes (the top-k tokens and "anything else"), a lower bound of the full KL that is zero exactly when
-the student gives the top-k tokens the teacher's probabilities. With ``tail="renormalise"`` both distributions are
+positions, from the teacher's top-k log-probabilities (computed on the fly, or read from shards precomputed by
+`teacher.precompute_teacher`). With ``tail="bucket"`` (default) the teacher's remaining mass is one explicit extra
+outcome: the KL between the two distributions coarsened to ``k + 1`` outcomes (the top-k tokens and "anything else"),
+a lower bound of the full KL that is zero exactly when the student gives the top-k tokens the teacher's probabilities. With ``tail="renormalise"`` both distributions are
 renormalised over the top-k tokens and the tail is dropped.
 """
 

@@ -42,6 +42,10 @@ class TrainConfig:
         distill_top_k, distill_tail: distillation: KL to the base model reading ``[context ; window]`` in full
             attention, from its top-k log-probabilities; the tail as one more outcome (``bucket``) or dropped with
             both distributions renormalised (``renormalise``). Context + window must fit the base model's window.
+        teacher_dir: a folder of precomputed teacher shards (``sharedctx train teacher``; `teacher.precompute_teacher`)
+            to read distill teachers from; an example it lacks is computed on the fly (hits and misses are logged).
+            None: every teacher on the fly. Shards of another base model, top-k, tail, window, context chunks or
+            chunk size are refused.
         eval_every: run the reading diagnostics (`reading.eval_reading`) every this many steps and at the end (0: never);
             results go to ``out_dir/reading_log.jsonl`` and, summarised, into the step's log record.
         eval_text, eval_control: the held-out text and a same-genre unrelated text for the control: a document name
@@ -80,6 +84,7 @@ class TrainConfig:
     recon_marker: str = MARKER
     distill_top_k: int = 32
     distill_tail: str = "bucket"
+    teacher_dir: str | None = None
     eval_every: int = 0
     eval_text: str | None = None
     eval_control: str | None = None
@@ -155,7 +160,7 @@ class TrainConfig:
 
 def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """Read a recipe from ``.toml``, ``.json`` or ``.yaml``/``.yml`` (YAML needs pyyaml); relative paths in
-    ``data``, ``sources``, ``out_dir``, ``instruction_file`` and ``init_adapter`` are resolved against the recipe's folder,
+    ``data``, ``sources``, ``out_dir``, ``instruction_file``, ``init_adapter`` and ``teacher_dir`` are resolved against the recipe's folder,
     after expanding environment variables (``sources = ["$SHAREDCTX_DATA"]``); a variable left unset stays as written
     and the trainer names it if it needs that path."""
     path = Path(path)
@@ -185,7 +190,7 @@ def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
         p = os.path.expandvars(p)
         return p if os.path.isabs(p) or "$" in p else os.path.normpath(base / p)
 
-    for key in ("data", "out_dir", "instruction_file", "init_adapter"):
+    for key in ("data", "out_dir", "instruction_file", "init_adapter", "teacher_dir"):
         if data.get(key) and key not in overrides:
             data[key] = resolve(data[key])
     if "sources" in data:

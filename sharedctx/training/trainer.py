@@ -45,6 +45,7 @@ from .objectives import (
     topk_kl,
 )
 from .recipe import TrainConfig, load_recipe
+from .teacher_store import TeacherStore
 
 __all__ = ["TrainConfig", "Trainer", "load_recipe", "collate", "lr_factor", "summarize_log"]
 
@@ -147,6 +148,12 @@ class Trainer:
                     f"{self.chunk_size} + window {config.window}), past the base model's {llm.max_positions}-token window"
                 )
         self._reading_tokens: tuple[np.ndarray, np.ndarray] | None = None
+        self.teachers: TeacherStore | None = None
+        self.teacher_counts = {"hits": 0, "misses": 0}
+        if config.teacher_dir:
+            self.teachers = TeacherStore(config.teacher_dir)
+            self.teachers.check(llm, config, self.shards.dir)
+            logger.info("distill teachers from %s (%d examples), the rest on the fly", config.teacher_dir, len(self.teachers))
 
     # ------------------------------------------------------------------ setup
     def _shards(self) -> TokenShards:
@@ -225,6 +232,20 @@ class Trainer:
             return self.llm.assemble_injection([r.meta["selection"] for r in rows])
         return self.llm.prepare_injection([r.context for r in rows], ids, labels=labels, generator=self.gen)
 
+    def teacher_for(self, row: Example) -> TeacherTopK:
+        """A distill row's teacher ``(1, T, k)``: from ``teacher_dir`` when it holds the row (a hit), else computed on
+        the fly (a miss, or every time without ``teacher_dir``)."""
+        if self.teachers is not None:
+            hit = self.teachers.get(row, self.device)
+            if hit is not None:
+                self.teacher_counts["hits"] += 1
+                return hit
+            if not self.teacher_counts["misses"]:
+                logger.warning("the teacher shards in %s lack a distill example of step %d: computing it on the fly (misses are logged)",
+                               self.teachers.dir, self.step + 1)
+            self.teacher_counts["misses"] += 1
+        return teacher_topk(self.llm, row, self.cfg.distill_top_k)
+
     def loss(self, rows: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-batch's loss (cross-entropy on the labels, or for ``distill`` the top-k KL to the teacher on the
         same positions) and its ``(B, T)`` labels."""
@@ -236,7 +257,7 @@ class Trainer:
             injection = self.injection_for(rows, ids, labels)
             if rows[0].task != "distill":
                 return llm(ids, labels=labels, attention_mask=mask, injection=injection).loss, labels
-            teacher = TeacherTopK.stack([teacher_topk(llm, r, cfg.distill_top_k) for r in rows], ids.shape[1])
+            teacher = TeacherTopK.stack([self.teacher_for(r) for r in rows], ids.shape[1])
             logits = llm(ids, attention_mask=mask, injection=injection).logits
             return topk_kl(logits, teacher, scored_positions(labels), tail=cfg.distill_tail), labels
 
@@ -253,6 +274,7 @@ class Trainer:
             g["lr"] = lr * factor
         self.llm.train()
         t0 = time.perf_counter()
+        counts = dict(self.teacher_counts)
         losses, tokens, tasks = [], 0, []
         for _ in range(cfg.grad_accum):
             rows = self.next_batch()
@@ -267,7 +289,7 @@ class Trainer:
         self.step += 1
         self.tokens += tokens
         self.elapsed += dt
-        return {
+        rec = {
             "step": self.step,
             "loss": float(np.mean(losses)),
             "task": tasks[0] if len(set(tasks)) == 1 else ",".join(tasks),
@@ -279,6 +301,10 @@ class Trainer:
             "elapsed_s": round(self.elapsed, 1),
             "gates": [round(float(b.gate_value().detach()), 4) for b in self.llm.injection],
         }
+        if self.teachers is not None and "distill" in tasks:
+            rec["teacher_hits"] = self.teacher_counts["hits"] - counts["hits"]
+            rec["teacher_misses"] = self.teacher_counts["misses"] - counts["misses"]
+        return rec
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -408,5 +434,6 @@ class Trainer:
             "adapter": str(adapter),
             "threads": torch.get_num_threads(),
             "device": str(self.device),
+            **({"teacher": dict(self.teacher_counts)} if self.teachers is not None else {}),
             **({"reading": reading} if reading is not None else {}),
         }
