@@ -247,6 +247,30 @@ def lexicon_rows(data: dict) -> list[str]:
     return rows
 
 
+def distributed_rows(data: dict) -> list[str]:
+    """benchmarks/bench_distributed.py: one-process index build against Ray Data with CPU actors, same run; a projection."""
+    cmd, mach = _command(data), _machine(data["machine"])
+    ray, d = data["ray"], data["data"]
+    what = f"{d.get('files', '?')} files, {ray['tokens']:,} tokens, {ray['chunks']} chunks"
+    rows = [
+        f"| index build, one process with {s['threads']} thread(s) ({what}) | {s['build_s']:.1f} s, {s['tokens_per_s']:,.0f} tokens/s | {cmd} | {mach} |"
+        for s in data["single"]
+    ]
+    ratio = ", ".join(f"x{v} vs {k} thread(s)" for k, v in data["ray_over_single_throughput"].items())
+    rows.append(
+        f"| index build on Ray Data, {ray['actors']} CPU actors of {ray['actor_threads']} thread(s) ({what}) | {ray['build_s']:.1f} s "
+        f"({ray['tokens_per_s']:,.0f} tokens/s; throughput {ratio}), plus ray.init {ray['ray_init_s']:.1f} s; start-up "
+        f"{ray['startup_s']:.1f} s, encode window {ray['encode_window_s']:.1f} s ({ray['encode_window_tokens_per_s']:,.0f} tokens/s), "
+        f"tail {ray['tail_s']:.1f} s; same chunk keys as the one-process build: {'yes' if data['same_chunk_keys'] else 'NO'} | {cmd} | {mach} |"
+    )
+    pr = data.get("projected")
+    if pr:
+        pts = ", ".join(f"{r['actors']}: {r['build_s']:.0f} s ({r['tokens_per_s']:,.0f} tokens/s)" for r in pr["rows"])
+        rows.append(f"| **projection, not a measurement**: N CPU actors, `{pr['formula']}` from this run's S = {pr['S_serial_s']} s and "
+                    f"r = {pr['r_per_actor_chunks_per_s']} chunks/s an actor | {pts} | {cmd} | {mach} |")
+    return rows
+
+
 def selection_rows(data: dict) -> list[str]:
     """benchmarks/bench_selection.py: does the question's score put the answer's chunk on top?"""
     cmd = _command(data)
@@ -282,6 +306,7 @@ ROWS = {
     "efficiency": efficiency_rows,
     "index": index_rows,
     "lexicon": lexicon_rows,
+    "distributed": distributed_rows,
     "selection": selection_rows,
     "finding": finding_rows,
     "ppl": ppl_rows,
@@ -316,6 +341,14 @@ SECTIONS = {
          "BM25 scan of every chunk against the inverted lexicon kept in the index (`sharedctx.index.lexicon`), on 25 "
          "questions; both give the same scores. A change costs the scan a full recount before the next query, the "
          "lexicon the changed document's segment and a rebuild of one tier. See docs/lexicon.md."),
+    ),
+    "distributed": (
+        "Building an index on Ray (`bench_distributed.py`)",
+        ("The same files indexed by one process (`ContextIndex.add_many`) and by `sharedctx.distributed.build_index` on a "
+         "local Ray cluster of CPU actors, fresh stores, same model, in one run; the Ray build's time split into start-up "
+         "(Ray Data workers and actors loading the model), the window in which actors encode, and the merge tail. The "
+         "last row projects N actors from this run's serial part and per-actor speed: a projection, labelled as such. "
+         "See docs/distributed.md."),
     ),
     "selection": (
         "Chunk selection: does the question's score put the answer's chunk first? (`bench_selection.py`)",
