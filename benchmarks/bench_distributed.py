@@ -256,7 +256,7 @@ def plot(result: dict, png: Path) -> None:
     bx.set_xlabel("seconds (measured)")
     bx.set_title(f"{ray['chunks']} chunks, {ray['tokens']} tokens")
     bx.legend(fontsize=8)
-    fig.suptitle(f"index build, {result['model']['model']}, {result['machine']['cpu_count']}-core {result['machine']['processor']}")
+    fig.suptitle(f"index build, {Path(str(result['model']['model'])).name}, {result['machine']['cpu_count']}-core {result['machine']['processor']}")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     pyplot.close(fig)
