@@ -35,3 +35,30 @@ def test_default_model_identity_adapter_equals_base(default_llm):
         with_ctx = llm(ids, context="The lantern is green. " * 200).logits
         plain = llm(ids).logits
     assert torch.equal(with_ctx, plain)
+
+
+def test_copy_diagnostic_sees_a_model_that_copies():
+    """The reading diagnostics can see reading where it exists: SmolLM2 with a fresh adapter injecting every layer
+    (each cross-attention a copy of its layer's attention) copies context spans before any training once its gates
+    are opened (recipes/results/reading/README.md, `probe_init.py`), and `eval_reading` must report that; the
+    same adapter on the bottom 4 layers does not copy (the gain the M=30 adapter shows is not the diagnostic's noise)."""
+    import math
+    from pathlib import Path
+
+    from sharedctx import SharedCtxConfig, SharedLLM
+    from sharedctx.training.reading import eval_reading
+
+    books = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "books"
+    gains = {}
+    for m in (30, 4):
+        cfg = SharedCtxConfig(injection_layers=m, chunk_size=512, tree_height=2, node_keep=32, policy="right")
+        llm = SharedLLM.from_pretrained(None, adapter=False, config=cfg)
+        with torch.no_grad():
+            for block in llm.injection:
+                block.gate.fill_(math.atanh(0.15))
+        text = llm.tokenizer((books / "pride_and_prejudice.txt").read_text())["input_ids"]
+        control = llm.tokenizer((books / "emma.txt").read_text())["input_ids"]
+        r = eval_reading(llm, text, control, context_tokens=1024, window=32, n_windows=2, span=48)
+        gains[m] = r["copy_gain_pct"]
+    assert gains[30] > 10.0, gains
+    assert gains[4] < gains[30] - 8.0, gains
