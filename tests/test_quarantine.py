@@ -108,3 +108,18 @@ def test_a_corrupt_node_database_says_how_to_rebuild(llm, tmp_path):
     (store / "nodes" / "cache.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match=r"(?s)cache that can be rebuilt.*rm -r .*nodes.*documents beside it are kept"):
         ContextIndex(llm, store)
+
+
+def test_context_index_delete_drops_a_quarantined_document(llm, tmp_path):
+    """`ContextIndex.delete` removes a quarantined document as `sharedctx index remove` does (it raised before)."""
+    store, source = build(llm, tmp_path)
+    bad = damage_record(store)
+    source.write_text(TEXT + " Changed since.")  # not restorable: stays quarantined
+    index = ContextIndex(llm, store)
+    assert index.documents() == [] and [q.doc_id for q in index.quarantined()] == [str(source)]
+    assert kept_bytes(store) == [bad]
+    index.delete(str(source))
+    assert index.quarantined() == [] and kept_bytes(store) == []
+    with pytest.raises(KeyError):
+        index.delete(str(source))
+    index.close()

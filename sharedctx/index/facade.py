@@ -324,10 +324,12 @@ class ContextIndex:
         return doc_id in self._docs
 
     def delete(self, doc_id: str) -> None:
-        """Remove a document (its chunks stay in the store for other documents until evicted or `prune`d)."""
+        """Remove a document (its chunks stay in the store for other documents until evicted or `prune`d), also one
+        whose record is damaged and quarantined (see `quarantined`)."""
         self._writable("delete a document")
         with self._lock:
-            if doc_id not in self._docs and self.table.get(doc_id) is None:
+            known = doc_id in self._docs or self.table.get(doc_id) is not None
+            if not known and doc_id not in {q.doc_id for q in self.table.quarantined()}:
                 raise DocumentNotFoundError(f"no document {doc_id!r} in the index {self.directory}; see documents()")
             self.table.delete(doc_id)
             self._docs.pop(doc_id, None)
