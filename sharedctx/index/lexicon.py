@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import math
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -49,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..ops.scoring import _WORD, STOPWORDS, words
+from ..ops.scoring import _WORD, STOPWORDS, bm25_idf, bm25_text_score, words
 from .documents import _Doc
 from .store import BlobCache
 
@@ -278,8 +277,7 @@ class LexiconView:
         return 0 if g is None else sum(t.df(g) for t in self.tiers)
 
     def idf(self, term: str) -> float:
-        df = self.df(term)
-        return math.log(1.0 + (self.n - df + 0.5) / (df + 0.5))
+        return bm25_idf(self.n, self.df(term))
 
     def scores(self, query: str, texts: Sequence[str] | None = None) -> torch.Tensor:
         """``(N,)`` float32 scores of the chunks (or of ``texts``) for ``query``."""
@@ -297,7 +295,7 @@ class LexiconView:
             df = sum(t.df(g) for t in self.tiers)
             if not df:
                 continue
-            idf = math.log(1.0 + (self.n - df + 0.5) / (df + 0.5))
+            idf = bm25_idf(self.n, df)
             for i, tier in enumerate(self.tiers):
                 if not tier.df(g):
                     continue
@@ -309,14 +307,7 @@ class LexiconView:
         return torch.from_numpy(out[self.order].astype(np.float32))
 
     def _score(self, terms: list[str], counts: Counter) -> float:
-        length = sum(counts.values())
-        norm = self.k1 * (1.0 - self.b + self.b * length / self.avg_len) if self.avg_len else self.k1
-        total = 0.0
-        for t in terms:
-            tf = counts.get(t, 0)
-            if tf:
-                total += self.idf(t) * tf * (self.k1 + 1.0) / (tf + norm)
-        return total
+        return bm25_text_score(terms, counts, self.idf, k1=self.k1, b=self.b, avg_len=self.avg_len)
 
 
 # ---------------------------------------------------------------------- the index's lexicon

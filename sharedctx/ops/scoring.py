@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cosine_scores", "BM25", "words"]
+__all__ = ["cosine_scores", "BM25", "bm25_idf", "bm25_text_score", "words"]
 
 
 def cosine_scores(query_key: torch.Tensor, node_keys: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,25 @@ def words(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
 
 
+def bm25_idf(n: int, df: int) -> float:
+    """Lucene's BM25 idf of a term found in ``df`` of ``n`` texts: ``log(1 + (n - df + 0.5) / (df + 0.5))``."""
+    return math.log(1.0 + (n - df + 0.5) / (df + 0.5))
+
+
+def bm25_text_score(terms: Sequence[str], counts: Counter, idf: Callable[[str], float], *, k1: float, b: float, avg_len: float) -> float:
+    """BM25 of one text (its word ``counts``) for the query ``terms``, under the statistics behind ``idf`` and
+    ``avg_len``. The one place these operations are written: `BM25` and the index's lexicon both call it, so their
+    scores agree to the last bit."""
+    length = sum(counts.values())
+    norm = k1 * (1.0 - b + b * length / avg_len) if avg_len else k1
+    total = 0.0
+    for t in terms:
+        tf = counts.get(t, 0)
+        if tf:
+            total += idf(t) * tf * (k1 + 1.0) / (tf + norm)
+    return total
+
+
 class BM25:
     """Okapi BM25 with term statistics (document frequencies, mean length) from ``texts``.
 
@@ -56,18 +75,10 @@ class BM25:
         self._df = df
 
     def idf(self, term: str) -> float:
-        df = self._df.get(term, 0)
-        return math.log(1.0 + (self.n - df + 0.5) / (df + 0.5))
+        return bm25_idf(self.n, self._df.get(term, 0))
 
     def _score(self, terms: list[str], counts: Counter) -> float:
-        length = sum(counts.values())
-        norm = self.k1 * (1.0 - self.b + self.b * length / self.avg_len) if self.avg_len else self.k1
-        total = 0.0
-        for t in terms:
-            tf = counts.get(t, 0)
-            if tf:
-                total += self.idf(t) * tf * (self.k1 + 1.0) / (tf + norm)
-        return total
+        return bm25_text_score(terms, counts, self.idf, k1=self.k1, b=self.b, avg_len=self.avg_len)
 
     def scores(self, query: str, texts: Sequence[str] | None = None) -> torch.Tensor:
         """``(N,)`` float32 scores of the fitted texts (or of ``texts``) for ``query``."""
