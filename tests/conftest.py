@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +70,13 @@ def word_shards(tmp_path_factory, held: str | None = None):
     out = tmp_path_factory.mktemp("shards")
     build_shards([root], byte_tokenizer(), out, holdout=["held.txt"])
     return TokenShards(out)
+
+
+def snapshot(directory: Path) -> dict[str, tuple]:
+    """Every entry under ``directory``: content hash (files), mode and modification time."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        st = p.stat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(directory))] = (digest, st.st_mode, st.st_mtime_ns)
+    return out

@@ -4,11 +4,10 @@ raises `ReadOnlyIndexError`; a chunk missing from the store is encoded in memory
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
-from pathlib import Path
 
 import pytest
+from conftest import snapshot
 
 from sharedctx.errors import ReadOnlyIndexError, StoreError
 from sharedctx.index import ContextIndex
@@ -19,16 +18,6 @@ DOCS = {
     "baker": "The baker opens the shop at five and sells rye bread to the fishermen on the quay. " * 6,
 }
 QUESTIONS = ("When does the keeper write in the logbook?", "What does the baker sell?")
-
-
-def snapshot(directory: Path) -> dict[str, tuple]:
-    """Every entry under ``directory``: content hash (files), mode and modification time."""
-    out = {}
-    for p in sorted(directory.rglob("*")):
-        st = p.stat()
-        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        out[str(p.relative_to(directory))] = (digest, st.st_mode, st.st_mtime_ns)
-    return out
 
 
 @pytest.fixture

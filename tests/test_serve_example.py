@@ -4,12 +4,12 @@ in-process `ContextIndex` gives (greedy decoding), and the store directory is by
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import snapshot
 
 from sharedctx import ContextIndex
 from sharedctx.testing import make_llm
@@ -24,16 +24,6 @@ DOCS = {
 QUESTIONS = ["When does the keeper write?", "What does the baker sell?", "When does the ferry leave?",
              "Who sells bread?", "How long is the crossing?", "What is lit in the evening?"]
 NEW_TOKENS = 8
-
-
-def snapshot(directory: Path) -> dict[str, tuple]:
-    """Every entry under ``directory``: content hash (files), mode and modification time."""
-    out = {}
-    for p in sorted(directory.rglob("*")):
-        st = p.stat()
-        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        out[str(p.relative_to(directory))] = (digest, st.st_mode, st.st_mtime_ns)
-    return out
 
 
 @pytest.fixture(scope="module")
