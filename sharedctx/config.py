@@ -24,7 +24,7 @@ _GATES = ("tanh", "linear")
 LOWER_FIELDS = ("injection_layers", "chunk_size", "tree_height", "node_keep", "sampling")
 
 #: Fields that shape an adapter's parameters: an adapter loads only on a model built with the same values.
-ADAPTER_FIELDS = ("injection_layers", "gate", "upper_lora_rank")
+ADAPTER_FIELDS = ("injection_layers", "gate", "upper_lora_rank", "null_kv")
 
 
 @dataclass
@@ -51,6 +51,8 @@ class SharedCtxConfig:
             adapter and trained with it. They act only while states are injected (a row with no states, or no
             context, runs the base model exactly) and start at zero. Our addition: it lets training teach the
             upper layers to use what the cross-attention writes into the residual stream.
+        null_kv: give each cross-attention a learned null key/value (zero at first) that every query may attend to,
+            so a block can read nothing when the context has nothing for it; off by default (the paper's design).
         seed: seed of the ``random`` policy and of split noise.
         max_batch_tokens: upper bound on tokens per batched lower-model pass (memory bound while encoding).
         attn_backend: cross-attention backend: ``auto``, ``eager``, ``sdpa`` or a registered kernel backend.
@@ -66,6 +68,7 @@ class SharedCtxConfig:
     split_noise: float = 0.2
     gate: str = "tanh"
     upper_lora_rank: int = 0
+    null_kv: bool = False
     seed: int = 0
     max_batch_tokens: int = 16384
     attn_backend: str = "auto"

@@ -219,7 +219,7 @@ def injection_disabled():
 class CrossAttention(nn.Module):
     """Cross-attention of a layer's hidden states over injected K/V, initialised from the layer's own attention."""
 
-    def __init__(self, layer: nn.Module, slot: int, *, gate: str = "tanh", backend: str = "auto") -> None:
+    def __init__(self, layer: nn.Module, slot: int, *, gate: str = "tanh", backend: str = "auto", null_kv: bool = False) -> None:
         super().__init__()
         attn = layer.self_attn
         self.slot = slot
@@ -234,6 +234,14 @@ class CrossAttention(nn.Module):
         self.q_norm = copy.deepcopy(attn.q_norm) if hasattr(attn, "q_norm") else None  # Qwen3
         ref = attn.q_proj.weight
         self.gate = nn.Parameter(torch.zeros((), dtype=ref.dtype, device=ref.device))
+        # a learned "nothing" to attend to (``null_kv``): one key and one value per key/value head, both zero at
+        # first (a logit of 0 and no output), so a query can put its attention mass where it reads nothing
+        self.null_k: nn.Parameter | None = None
+        self.null_v: nn.Parameter | None = None
+        if null_kv:
+            kv_heads = attn.k_proj.out_features // self.head_dim
+            self.null_k = nn.Parameter(torch.zeros(kv_heads, 1, self.head_dim, dtype=ref.dtype, device=ref.device))
+            self.null_v = nn.Parameter(torch.zeros(kv_heads, 1, self.head_dim, dtype=ref.dtype, device=ref.device))
         for p in self.parameters():
             p.requires_grad_(True)
 
@@ -250,20 +258,40 @@ class CrossAttention(nn.Module):
         q = q.transpose(1, 2)  # (B, H, T, D)
         k = injection.keys[self.slot].to(q.dtype)
         v = injection.values[self.slot].to(q.dtype)
+        key_pos, key_mask = injection.key_pos, injection.key_mask
+        if self.null_k is not None:
+            k, v, key_pos, key_mask = self._with_null(injection, k, v)
         backend = resolve_backend(self.backend, q.device, q.dtype)
         out = backend.fn(
             q,
             k,
             v,
-            key_pos=injection.key_pos,
+            key_pos=key_pos,
             query_pos=injection.query_pos,
             inv_freq=inv_freq,
             attention_scaling=attention_scaling,
-            key_mask=injection.key_mask,
+            key_mask=key_mask,
             scaling=self.scaling,
         )  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.gate_value().to(out.dtype) * self.o_proj(out)
+
+
+    def _with_null(self, injection: Injection, k: torch.Tensor, v: torch.Tensor):
+        """Keys, values, positions and mask with the null state appended to every row. Its chunk position is the
+        query's own, so the rotation cancels in the dot product (RoPE is relative): the null logit is ``q . null_k``
+        whatever the number of chunks. A row without states keeps the null state masked too, so it still reads
+        nothing (and runs the base model)."""
+        batch = k.shape[0]
+        k = torch.cat([k, self.null_k.to(k.dtype).expand(batch, -1, -1, -1)], dim=2)
+        v = torch.cat([v, self.null_v.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
+        key_pos = injection.key_pos
+        if key_pos is not None:
+            key_pos = torch.cat([key_pos, injection.query_pos.reshape(-1, 1).to(key_pos).expand(batch, 1)], dim=1)
+        key_mask = injection.key_mask
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask, key_mask.any(-1, keepdim=True)], dim=1)
+        return k, v, key_pos, key_mask
 
 
 class InjectedDecoderLayer(nn.Module):
@@ -296,8 +324,9 @@ class InjectedDecoderLayer(nn.Module):
         return residual + x
 
 
-def attach(model: nn.Module, n_layers: int, *, gate: str = "tanh", backend: str = "auto") -> nn.ModuleList:
-    """Wrap the bottom ``n_layers`` decoder layers of ``model`` and return the new cross-attention blocks."""
+def attach(model: nn.Module, n_layers: int, *, gate: str = "tanh", backend: str = "auto", null_kv: bool = False) -> nn.ModuleList:
+    """Wrap the bottom ``n_layers`` decoder layers of ``model`` and return the new cross-attention blocks
+    (with a learned null key/value each when ``null_kv``)."""
     layers = model.model.layers
     if n_layers > len(layers):
         raise ValueError(f"injection_layers={n_layers} exceeds the model's {len(layers)} layers")
@@ -306,7 +335,7 @@ def attach(model: nn.Module, n_layers: int, *, gate: str = "tanh", backend: str 
         layer = layers[i]
         if isinstance(layer, InjectedDecoderLayer):
             raise ValueError("this model already has sharedctx cross-attention attached; wrap the original model once")
-        cross = CrossAttention(layer, i, gate=gate, backend=backend)
+        cross = CrossAttention(layer, i, gate=gate, backend=backend, null_kv=null_kv)
         layers[i] = InjectedDecoderLayer(layer, cross, model.model.rotary_emb)
         blocks.append(cross)
     return nn.ModuleList(blocks)

@@ -91,7 +91,7 @@ def test_the_step_injects_the_walk_the_span_was_drawn_from(tmp_path, shards):
 
 
 # ---------------------------------------------------------------------- no target reaches the query, under every objective
-@pytest.mark.parametrize("task", ["lm", "reconstruction", "distill", "passkey", "kv"])
+@pytest.mark.parametrize("task", ["lm", "reconstruction", "distill", "quiet", "passkey", "kv"])
 def test_no_target_token_reaches_the_query_under_any_objective(tmp_path, shards, task):
     trainer = _trainer(tmp_path, shards, policy="query", gates=1.0, tasks={task: 1.0}, task_chunks=[1, 2])
     llm = trainer.llm.eval()  # deterministic walks: the same query must choose the same nodes

@@ -240,13 +240,19 @@ class TokenShards:
 
     def sample(self, length: int, rng: np.random.Generator, split: str = "train") -> np.ndarray:
         """``length`` consecutive tokens of one document of ``split``, drawn in proportion to document length."""
-        docs = [d for d in self.documents(split) if d["length"] >= length]
+        return self.draw(length, rng, split)[0]
+
+    def draw(self, length: int, rng: np.random.Generator, split: str = "train", *, exclude: str | None = None) -> tuple[np.ndarray, str]:
+        """Like `sample`, with the name of the document drawn; ``exclude`` names a document never drawn (an
+        unrelated context for a window of that document). Same draws as `sample` when nothing is excluded."""
+        docs = [d for d in self.documents(split) if d["length"] >= length and d["name"] != exclude]
         if not docs:
-            raise ValueError(f"no {split} document has {length} tokens; use shorter sequences or add longer texts")
+            raise ValueError(f"no {split} document has {length} tokens{' besides ' + exclude if exclude else ''}; "
+                             "use shorter sequences or add longer texts")
         sizes = np.array([d["length"] - length + 1 for d in docs], dtype=np.float64)
         doc = docs[int(rng.choice(len(docs), p=sizes / sizes.sum()))]
         start = int(rng.integers(0, doc["length"] - length + 1))
-        return np.asarray(self.tokens(doc)[start : start + length], dtype=np.int64)
+        return np.asarray(self.tokens(doc)[start : start + length], dtype=np.int64), doc["name"]
 
 
 # ---------------------------------------------------------------------- examples

@@ -18,7 +18,7 @@ __all__ = ["TrainConfig", "load_recipe", "TEXT_TASKS"]
 
 
 #: tasks built from training text by the trainer itself (the synthetic ones are in `data.TASKS`)
-TEXT_TASKS = ("lm", "reconstruction", "distill", "instruction")
+TEXT_TASKS = ("lm", "reconstruction", "distill", "quiet", "instruction")
 
 
 @dataclass
@@ -33,8 +33,10 @@ class TrainConfig:
         holdout: documents of ``sources`` never trained on.
         sharedctx: `SharedCtxConfig` fields of the adapter (its ``chunk_size`` is what inference uses).
         context_chunks: ``[min, max]`` chunks of context per LM sample (drawn uniformly).
-        window: decoder window of an LM sample (loss on all of it but the first token).
-        tasks: mixing weights: ``lm``, ``reconstruction``, ``distill``, ``passkey``, ``kv``, ``needle``,
+        window: decoder window of an ``lm``, ``distill`` or ``quiet`` sample (loss on all of it but the first token):
+            a length, or ``[min, max]`` to draw each example's length uniformly in that range (so the adapter sees
+            the window lengths it will serve).
+        tasks: mixing weights: ``lm``, ``reconstruction``, ``distill``, ``quiet``, ``passkey``, ``kv``, ``needle``,
             ``chunk_mention``, ``instruction`` (docs/training.md describes each).
         recon_span, recon_level, recon_marker: reconstruction: the window is ``recon_marker`` then a context span of
             ``recon_span`` tokens drawn inside a node the walk keeps at the finest level (``recon_level="finest"``) or
@@ -75,7 +77,7 @@ class TrainConfig:
     holdout: list[str] = field(default_factory=list)
     sharedctx: dict[str, Any] = field(default_factory=dict)
     context_chunks: list[int] = field(default_factory=lambda: [4, 4])
-    window: int = 4096
+    window: int | list[int] = 4096
     tasks: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})
     task_chunks: list[int] = field(default_factory=lambda: [1, 4])
     instruction_file: str | None = None
@@ -142,9 +144,22 @@ class TrainConfig:
             raise ValueError("eval_every > 0 needs eval_text (held-out text) and eval_control (an unrelated text of the same genre)")
         if self.eval_every < 0 or self.eval_windows < 1 or self.eval_context_chunks < 1 or self.eval_window < 2 or self.eval_span < 1:
             raise ValueError("eval_every >= 0, eval_windows >= 1, eval_context_chunks >= 1, eval_window >= 2 and eval_span >= 1 are required")
-        if self.window < 2 or self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("window >= 2, steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
+        lo, hi = self.window_range
+        if not 2 <= lo <= hi:
+            raise ValueError(f"TrainConfig.window must be a length >= 2 or [min, max] with 2 <= min <= max, got {self.window!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
         SharedCtxConfig.from_dict(self.sharedctx)  # validate early
+
+    @property
+    def window_range(self) -> tuple[int, int]:
+        """``(min, max)`` window length (equal for a single length)."""
+        w = self.window
+        if isinstance(w, (list, tuple)):
+            if len(w) != 2:
+                raise ValueError(f"TrainConfig.window must be a length or [min, max], got {w!r}")
+            return int(w[0]), int(w[1])
+        return int(w), int(w)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

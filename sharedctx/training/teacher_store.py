@@ -85,7 +85,7 @@ def teacher_settings(llm: Any, config: Any) -> dict[str, Any]:
         "fingerprint": llm.fingerprint,
         "top_k": int(config.distill_top_k),
         "tail": config.distill_tail,
-        "window": int(config.window),
+        "window": list(config.window_range) if isinstance(config.window, (list, tuple)) else int(config.window),
         "context_chunks": [int(c) for c in config.context_chunks],
         "chunk_size": int(llm.config.chunk_size),
     }

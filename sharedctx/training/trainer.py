@@ -37,7 +37,10 @@ from .data import (
 )
 from .objectives import (
     TeacherTopK,
+    base_logits,
     distill_example,
+    full_kl,
+    quiet_example,
     marker_ids,
     reconstruction_example,
     scored_positions,
@@ -141,7 +144,7 @@ class Trainer:
         self.task_names, self.task_p = names, weights / weights.sum()
         self.marker = marker_ids(llm.tokenizer, config.recon_marker) if llm.tokenizer is not None else None
         if config.tasks.get("distill") and llm.max_positions:
-            longest = config.context_chunks[1] * self.chunk_size + config.window
+            longest = config.context_chunks[1] * self.chunk_size + config.window_range[1]
             if longest > llm.max_positions:
                 raise ValueError(
                     f"the distill task's teacher reads up to {longest} tokens (context_chunks {config.context_chunks} of "
@@ -187,9 +190,14 @@ class Trainer:
 
     def sample_example(self, task: str) -> Example:
         rng, cfg, c = self.rng, self.cfg, self.chunk_size
-        if task in ("lm", "distill"):
+        if task in ("lm", "distill", "quiet"):
             k = int(rng.integers(cfg.context_chunks[0], cfg.context_chunks[1] + 1))
-            seq = self.shards.sample(k * c + cfg.window, rng, "train")
+            lo, hi = cfg.window_range
+            window = lo if lo == hi else int(rng.integers(lo, hi + 1))  # a single length draws nothing (as before)
+            if task == "quiet":
+                seq, doc = self.shards.draw(window, rng, "train")
+                return quiet_example(seq, self.shards.draw(k * c, rng, "train", exclude=doc)[0])
+            seq = self.shards.sample(k * c + window, rng, "train")
             return (lm_example if task == "lm" else distill_example)(seq, context_tokens=k * c)
         if task == "reconstruction":
             k = int(rng.integers(max(1, cfg.context_chunks[0]), max(1, cfg.context_chunks[1]) + 1))
@@ -255,6 +263,10 @@ class Trainer:
         ids, labels, mask = ids.to(self.device), labels.to(self.device), mask.to(self.device)
         with self._autocast():
             injection = self.injection_for(rows, ids, labels)
+            if rows[0].task == "quiet":
+                target = base_logits(llm, ids, mask)
+                logits = llm(ids, attention_mask=mask, injection=injection).logits
+                return full_kl(logits, target, scored_positions(labels)), labels
             if rows[0].task != "distill":
                 return llm(ids, labels=labels, attention_mask=mask, injection=injection).loss, labels
             teacher = TeacherTopK.stack([self.teacher_for(r) for r in rows], ids.shape[1])
@@ -275,13 +287,15 @@ class Trainer:
         self.llm.train()
         t0 = time.perf_counter()
         counts = dict(self.teacher_counts)
-        losses, tokens, tasks = [], 0, []
+        losses, tokens, tasks, window, context = [], 0, [], 0, 0
         for _ in range(cfg.grad_accum):
             rows = self.next_batch()
             loss, n = self.micro_step(rows)
             losses.append(loss)
             tokens += sum(r.input_ids.numel() + r.context.numel() for r in rows)
             tasks.append(rows[0].task)
+            window = max([window] + [r.input_ids.numel() for r in rows])
+            context = max([context] + [r.context.numel() for r in rows])
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip) if cfg.clip else torch.tensor(0.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -296,6 +310,8 @@ class Trainer:
             "lr": self.opt.param_groups[0]["lr"],
             "grad_norm": float(norm),
             "tokens": self.tokens,
+            "window": window,
+            "context": context,
             "step_s": round(dt, 3),
             "tok_per_s": round(tokens / dt, 1),
             "elapsed_s": round(self.elapsed, 1),
