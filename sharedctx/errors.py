@@ -16,6 +16,7 @@ __all__ = [
     "UnsupportedModelError",
     "TreeFormatError",
     "BackendUnavailableError",
+    "MissingDependencyError",
     "StoreError",
     "StoreFullError",
     "StoreMismatchError",
@@ -46,6 +47,10 @@ class AdapterMismatchError(SharedCtxError, ValueError):
 
 class BackendUnavailableError(SharedCtxError, RuntimeError):
     """An explicitly requested attention backend cannot run here."""
+
+
+class MissingDependencyError(SharedCtxError, ImportError):
+    """A package that an asked-for feature needs is not installed; the message says what to install."""
 
 
 # ---------------------------------------------------------------------- contexts and prompts

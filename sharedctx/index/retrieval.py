@@ -1,7 +1,8 @@
 """Retrieval over an index's forest of chunk trees: rank chunks, walk the kept trees, cite what was kept.
 
 For a question, the chunks of every document are ranked (BM25 of their text under the ``lexical`` policy, read
-from the index's inverted lexicon, `sharedctx.index.lexicon`; else cosine of their root keys with the query key),
+from the index's inverted lexicon, `sharedctx.index.lexicon`, fused with an embedder's similarity by reciprocal rank
+fusion when the index has one, `sharedctx.index.embedding`; else cosine of their root keys with the query key),
 the best are kept within ``top_k`` and a budget of injected states, and their trees are walked by
 `sharedctx.policy.walk_trees` with the policy's scorer, exactly as `SharedLLM.select` walks one document. Node
 states are read from the store only when injected.
@@ -17,7 +18,7 @@ import torch
 from ..errors import InputError
 from ..model import SharedLLM
 from ..ops.sampling import sample_indices
-from ..ops.scoring import cosine_scores
+from ..ops.scoring import cosine_scores, reciprocal_rank_fusion
 from ..policy import (
     Scorer,
     SelectedNode,
@@ -29,6 +30,7 @@ from ..policy import (
     walk_trees,
 )
 from .documents import _Doc
+from .embedding import ChunkEmbeddings, DenseView
 from .ingest import ChunkCounts, chunk_nodes
 from .lexicon import ChunkLexicon, LexiconView
 from .results import Citation
@@ -52,6 +54,7 @@ class Forest:
     n_tokens: list[int]  # (n_chunks,) tokens of each chunk
     docs: list[_Doc] = field(default_factory=list, repr=False)
     _lexicon: LexiconView | None = field(default=None, repr=False)
+    _dense: DenseView | None = field(default=None, repr=False)
     _budgets: dict[tuple, list[int]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -68,6 +71,12 @@ class Forest:
         if self._lexicon is None:
             self._lexicon = ChunkLexicon().view(self.docs)
         return self._lexicon
+
+    def dense(self, embeddings: ChunkEmbeddings) -> DenseView:
+        """The piece embeddings of the forest's chunks (documents not embedded yet are embedded now, once)."""
+        if self._dense is None:
+            self._dense = embeddings.view(self.docs)
+        return self._dense
 
     def budgets(self, *, keep: int, height: int, expand_margin: float | None) -> list[int]:
         """`chunk_state_budget` of every chunk, computed once per forest (not per query)."""
@@ -134,6 +143,8 @@ def retrieve(index: ContextIndex, prompt_ids: torch.Tensor, question: str, top_k
     if policy == "lexical":
         lexicon = forest.lexicon()
         chunk_scores = lexicon.scores(question)
+        if index.embeddings is not None:  # hybrid: BM25 and embedding ranks fused
+            chunk_scores = reciprocal_rank_fusion([chunk_scores, forest.dense(index.embeddings).scores(question)])
         scorer = make_scorer("lexical", query_text=question, lexicon=lexicon, text_of=text_of)
     else:
         if bool(torch.isnan(root_keys).any()):

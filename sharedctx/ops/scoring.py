@@ -1,16 +1,39 @@
-"""Scores of nodes for a query: cosine between hidden-state keys, and BM25 between texts (the ``lexical`` policy)."""
+"""Scores of nodes for a query: cosine between hidden-state keys, BM25 between texts (the ``lexical`` policy), and
+reciprocal rank fusion of several rankings (the index's ``hybrid`` ranker).
+
+`words` is THE lexical tokenizer: the in-memory `BM25`, the index's inverted lexicon (`sharedctx.index.lexicon`) and
+the lexical tree walk all count its terms. It lower-cases, splits on ``\\w+``, drops English stop words and reduces each
+word to its Snowball English (Porter2) stem, so "founded", "founding" and "founds" are one term. Counts kept on disk
+record `tokenizer_id()`, and counts made by another version of these rules are counted again.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cosine_scores", "BM25", "bm25_idf", "bm25_text_score", "words"]
+from ..errors import MissingDependencyError
+
+__all__ = [
+    "cosine_scores",
+    "BM25",
+    "bm25_idf",
+    "bm25_text_score",
+    "words",
+    "reciprocal_rank_fusion",
+    "competition_ranks",
+    "RRF_K",
+    "tokenizer_id",
+    "TOKENIZER_VERSION",
+]
 
 
 def cosine_scores(query_key: torch.Tensor, node_keys: torch.Tensor) -> torch.Tensor:
@@ -32,9 +55,58 @@ STOPWORDS = frozenset(
 )
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased word tokens of ``text`` without stop words (the terms BM25 counts)."""
-    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+#: the version of `words`' rules: 1 kept the surface words; 2 reduces them to Snowball English stems
+TOKENIZER_VERSION = 2
+_STEMMER_ALGORITHM = "english"
+_local = threading.local()  # PyStemmer's stemmer objects are not thread-safe: one per thread
+_STEMS: dict[str, str] = {}  # word -> stem, shared by threads (dict reads and writes are atomic); at most _MAX_STEMS
+_MAX_STEMS = 1 << 20
+
+
+def _pystemmer():
+    try:
+        import Stemmer  # PyStemmer: the Snowball algorithms, compiled (a core dependency of sharedctx)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "the lexical tokenizer stems words with PyStemmer, which is not installed: `pip install PyStemmer` "
+            "(a dependency of sharedctx; reinstall sharedctx to get it)"
+        ) from exc
+    return Stemmer
+
+
+@functools.cache
+def tokenizer_id() -> str:
+    """What counts made by `words` are labelled with: `TOKENIZER_VERSION` and a digest of the word pattern, the stop
+    words and the stemmer (algorithm and library version), so that counts kept under other rules are found stale."""
+    rules = [_WORD.pattern, " ".join(sorted(STOPWORDS)), _STEMMER_ALGORITHM, f"PyStemmer {_pystemmer().version()}"]
+    return f"{TOKENIZER_VERSION}:" + hashlib.sha256("\0".join(rules).encode()).hexdigest()[:16]
+
+
+def _stem_many(missing: list[str]) -> list[str]:
+    stemmer = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        stemmer = _local.stemmer = _pystemmer().Stemmer(_STEMMER_ALGORITHM, 0)  # no cache of its own: _STEMS is
+    return stemmer.stemWords(missing)
+
+
+def words(text: str, *, stem: bool = True) -> list[str]:
+    """The terms BM25 counts in ``text``: lower-cased ``\\w+`` tokens without English stop words, each reduced to its
+    Snowball English stem ("founded" -> "found", "keepers" -> "keeper"). ``stem=False``: the surface words (version 1
+    of these rules), for comparisons."""
+    found = [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+    if not stem:
+        return found
+    stems = _STEMS
+    try:
+        return [stems[w] for w in found]
+    except KeyError:  # words not seen yet: stemmed in one call
+        pass
+    missing = list(dict.fromkeys(w for w in found if w not in stems))
+    new = dict(zip(missing, _stem_many(missing)))
+    if len(stems) + len(new) > _MAX_STEMS:
+        stems.clear()
+    stems.update(new)
+    return [new[w] if w in new else stems.get(w) or _stem_many([w])[0] for w in found]  # another thread may clear
 
 
 def bm25_idf(n: int, df: int) -> float:
@@ -85,3 +157,33 @@ class BM25:
         terms = list(dict.fromkeys(words(query)))
         counts = self._counts if texts is None else [Counter(words(t)) for t in texts]
         return torch.tensor([self._score(terms, c) for c in counts], dtype=torch.float32)
+
+
+#: the constant of reciprocal rank fusion (Cormack, Clarke and Buettcher, SIGIR 2009: k = 60)
+RRF_K = 60.0
+
+
+def competition_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` int64 1-based ranks of ``scores (n,)``, highest first; equal scores share the best rank of their group
+    (``[3, 5, 5, 1] -> [3, 1, 1, 4]``)."""
+    s = scores.to(torch.float64).reshape(-1)
+    ascending = torch.sort(s).values
+    return 1 + s.numel() - torch.searchsorted(ascending, s, right=True)
+
+
+def reciprocal_rank_fusion(rankings: Sequence[torch.Tensor | None], *, k: float = RRF_K) -> torch.Tensor:
+    """Fused ``(n,)`` float64 scores of ``n`` items scored by several rankers: ``sum over rankers of 1 / (k + rank)``,
+    with `competition_ranks` (higher score first; ties share a rank, so a tie favours neither item).
+
+    A ranker given as None has no opinion and adds nothing; one that scores every item alike adds the same to each: either
+    way the order of the others is kept. An item first for every ranker is first."""
+    given = [r.reshape(-1) for r in rankings if r is not None]
+    if not given:
+        raise ValueError("reciprocal_rank_fusion needs at least one ranking")
+    n = given[0].numel()
+    if any(r.numel() != n for r in given):
+        raise ValueError(f"rankings of different lengths: {[r.numel() for r in given]}")
+    fused = torch.zeros(n, dtype=torch.float64)
+    for r in given:
+        fused += 1.0 / (k + competition_ranks(r).to(torch.float64))
+    return fused
