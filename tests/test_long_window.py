@@ -231,3 +231,20 @@ def test_null_kv_adapters_round_trip_and_are_refused_by_a_model_without_them(tmp
         assert torch.equal(p, q), n
     with pytest.raises(AdapterMismatchError, match="null_kv"):
         make_llm().load_adapter(tmp_path / "a")
+
+
+# ---------------------------------------------------------------------- bf16 autocast on the CPU
+def test_autocast_bf16_cpu_runs_the_step_in_bf16_and_bf16_alone_keeps_the_cpu_in_float32(tmp_path, shards):
+    losses = {}
+    for mode in ("none", "bf16", "bf16-cpu"):
+        trainer = _trainer(tmp_path / mode, shards, gates=1.0, tasks={"lm": 1.0, "quiet": 1.0}, autocast=mode)
+        with trainer._autocast():
+            assert torch.is_autocast_enabled("cpu") == (mode == "bf16-cpu")
+            if mode == "bf16-cpu":
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        rows = [trainer.sample_example("lm")]
+        losses[mode] = float(trainer.loss(rows)[0].detach())
+    assert losses["bf16"] == losses["none"]  # the CPU ignores "bf16", as every recipe recorded before
+    assert losses["bf16-cpu"] != losses["none"] and losses["bf16-cpu"] == pytest.approx(losses["none"], rel=0.05)
+    with pytest.raises(ValueError, match="autocast"):
+        TrainConfig(autocast="fp16")

@@ -10,12 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import SharedCtxConfig
 from .data import TASKS
 from .objectives import MARKER, TAILS
 
-__all__ = ["TrainConfig", "load_recipe", "TEXT_TASKS"]
+__all__ = ["TrainConfig", "load_recipe", "TEXT_TASKS", "AUTOCAST"]
 
+
+#: ``autocast`` values: bf16 on CUDA only, bf16 on CUDA and the CPU, never
+AUTOCAST = ("bf16", "bf16-cpu", "none")
 
 #: tasks built from training text by the trainer itself (the synthetic ones are in `data.TASKS`)
 TEXT_TASKS = ("lm", "reconstruction", "distill", "quiet", "instruction")
@@ -63,7 +68,9 @@ class TrainConfig:
             paper's blocks without touching the base model); ``gates``: the gates only.
         steps: optimiser steps; batch_size rows per micro-batch; grad_accum micro-batches per step.
         lr, gate_lr, warmup, min_lr_ratio, weight_decay, clip: AdamW and schedule.
-        device: ``cpu``, ``cuda``...; autocast: ``bf16`` on CUDA (``none`` to disable; ignored on the CPU).
+        device: ``cpu``, ``cuda``...; autocast: ``bf16`` on CUDA only (the CPU runs float32, as every recipe recorded
+            before issue 25), ``bf16-cpu`` on CUDA and on the CPU too (1.5-3x faster on a CPU with AMX/AVX512-BF16:
+            docs/training.md), ``none`` never.
         threads: torch CPU threads (0 leaves torch's default).
         max_time_s: stop (saving a checkpoint and the adapter) after this much wall time; 0 for no limit.
         stop_at_step: stop (saving a checkpoint and the adapter) once this step is done, keeping the schedule of
@@ -138,6 +145,8 @@ class TrainConfig:
                 f"reconstruction needs recon_level 'finest' or 'any', recon_span >= 1 and a non-empty recon_marker, "
                 f"got {self.recon_level!r}, {self.recon_span}, {self.recon_marker!r}"
             )
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"TrainConfig.autocast must be one of {AUTOCAST}, got {self.autocast!r}")
         if self.distill_tail not in TAILS or self.distill_top_k < 1:
             raise ValueError(f"distill_tail must be one of {TAILS} and distill_top_k >= 1, got {self.distill_tail!r}, {self.distill_top_k}")
         if self.eval_every and not (self.eval_text and self.eval_control):
@@ -150,6 +159,12 @@ class TrainConfig:
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
         SharedCtxConfig.from_dict(self.sharedctx)  # validate early
+
+    def autocast_dtype(self, device_type: str) -> torch.dtype | None:
+        """The autocast dtype of a step on ``device_type`` (``cpu``, ``cuda``...), or None for none."""
+        if self.autocast == "bf16-cpu" or (self.autocast == "bf16" and device_type == "cuda"):
+            return torch.bfloat16
+        return None
 
     @property
     def window_range(self) -> tuple[int, int]:

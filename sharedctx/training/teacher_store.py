@@ -115,7 +115,7 @@ def sampler_settings(config: Any, data_dir: str | os.PathLike) -> dict[str, Any]
 def precision_settings(llm: Any, config: Any) -> dict[str, Any]:
     """Where and in what precision the teacher ran (a trainer elsewhere gets these values, not its own: logged)."""
     device = torch.device(llm.device)
-    autocast = config.autocast if device.type == "cuda" and config.autocast == "bf16" else "none"
+    autocast = "bf16" if config.autocast_dtype(device.type) is not None else "none"
     return {"device": device.type, "dtype": str(llm.dtype).replace("torch.", ""), "autocast": autocast}
 
 

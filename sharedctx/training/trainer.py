@@ -2,7 +2,7 @@
 synthetic retrieval and instruction tasks, mixed by weight; reading diagnostics every ``eval_every`` steps.
 
 A recipe is a TOML/JSON/YAML file read into `TrainConfig` (see ``recipes/``). The same code runs on the
-CPU (float32) and on CUDA (bf16 autocast): only ``device`` differs. Only the cross-attention blocks are
+CPU (float32, or bf16 autocast with ``autocast = "bf16-cpu"``) and on CUDA (bf16 autocast): only ``device`` differs. Only the cross-attention blocks are
 trained by default. Each step: draw a task by its mixing weight, build a batch of `Example` rows, prepare the
 injected states (split noise drawn from the trainer's own generator, so resuming replays it), run the decoder
 with labels, backpropagate; AdamW with its own learning rate for the gates, linear warm-up then cosine decay,
@@ -229,9 +229,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.autocast == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        dtype = self.cfg.autocast_dtype(self.device.type)
+        if dtype is not None:
+            return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, enabled=False)
 
     def injection_for(self, rows: list[Example], ids: torch.Tensor, labels: torch.Tensor):
         """The states a batch reads: the walk its builder already made (reconstruction: the span was drawn from it,
