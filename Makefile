@@ -25,10 +25,10 @@ install-test: install
 	$(PIP) install -q -e ./kernels
 	$(PIP) install -q -e "./integrations/langchain[test]" -e "./integrations/llama-index[test]"
 
-# mode and policy: the ones that answered QUESTION best on the shipped adapter (benchmarks/demo_choice.py,
-# benchmarks/results/demo_choice.json); it prints the answer, the cited spans, and what was injected and the time
+# the defaults (mode hybrid, policy lexical: the ones that answered QUESTION best on the shipped adapter,
+# benchmarks/demo_choice.py, benchmarks/results/demo_choice.json); it prints the answer, the cited spans, what was injected and the time
 demo: install
-	$(VENV)/bin/sharedctx ask --file examples/harrow_point.txt --mode hybrid --policy lexical "$(QUESTION)"
+	$(VENV)/bin/sharedctx ask --file examples/harrow_point.txt "$(QUESTION)"
 
 # kernels and each integration run in their own pytest process: the kernels' conftest turns on Triton's CPU
 # interpreter, and each integration is a distribution with its own conftest and settings

@@ -13,7 +13,7 @@ import torch
 
 from ._version import __version__
 from .base_model import DEFAULT_MODEL_NAME
-from .config import ADAPTER_FIELDS, LOWER_FIELDS, SharedCtxConfig
+from .config import ADAPTER_FIELDS, DEFAULT_POLICY, LOWER_FIELDS, SharedCtxConfig
 from .errors import AdapterMismatchError
 
 #: a `sharedctx.SharedLLM` (not imported here: model.py imports this module)
@@ -91,6 +91,7 @@ def load_adapter(llm: SharedLLM, directory: str | os.PathLike) -> None:
             expected[k].copy_(v.to(expected[k].dtype))
     llm.adapter_trained = bool(meta.get("trained", True))
     llm.adapter_path = str(directory)
+    llm.adapter_policy = saved.policy
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:
@@ -106,9 +107,13 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
 
 
 def merge_configs(saved: SharedCtxConfig, given: SharedCtxConfig | None, where: Path) -> SharedCtxConfig:
-    """The adapter's config, with runtime options taken from ``given``; shape-changing differences are refused."""
+    """The adapter's config, with runtime options taken from ``given``; shape-changing differences are refused.
+
+    The walk policy is a runtime option like the others: without ``given`` it is `DEFAULT_POLICY`, not the policy
+    the adapter was trained with (the shipped adapter's ``right`` walk picks the same nodes whatever the question);
+    pass ``SharedCtxConfig(policy=...)`` to use another."""
     if given is None:
-        return saved
+        return saved.replace(policy=DEFAULT_POLICY)
     for name in ADAPTER_FIELDS:
         if getattr(given, name) != getattr(saved, name):
             raise AdapterMismatchError(

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .config import POLICIES
+from .config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, DEFAULT_POLICY, DEFAULT_STOP_ON_REPEAT, MODES, POLICIES
 
 __all__ = ["main"]
 
@@ -18,20 +18,6 @@ UNTRAINED_NOTE = (
     "note: this model's injection adapter is untrained (it starts as the identity), so the answer does not "
     "read the context yet; pass --adapter DIR with a trained adapter"
 )
-
-
-def _default_policy() -> str:
-    """The policy a plain run uses: the shipped adapter's (read from its config), else the configuration default."""
-    from .adapter_files import ADAPTER_CONFIG, default_adapter_path
-    from .config import SharedCtxConfig
-
-    path = default_adapter_path()
-    if path is not None:
-        try:
-            return json.loads((path / ADAPTER_CONFIG).read_text())["config"]["policy"]
-        except (OSError, ValueError, KeyError):
-            pass
-    return SharedCtxConfig().policy
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-keep", type=int, default=None, help="states kept per node (default 32)")
     p.add_argument("--policy", choices=POLICIES, default=None,
                    help="which child of each node to expand: query (node keys), lexical (BM25 of node text), right, left, "
-                        f"random. Default: the adapter's own ({_default_policy()} for the default model's shipped adapter; "
-                        "query without an adapter); with --store, the one the index was built with")
+                        f"random. Default: {DEFAULT_POLICY} (not the policy an adapter was trained with: pass it to use it); "
+                        "with --store, the one the index was built with")
 
 
 def _load(args):
@@ -65,7 +51,9 @@ def _load(args):
         if adapter is not None:
             from .model import ADAPTER_CONFIG
 
-            start = SharedCtxConfig.from_dict(json.loads((Path(adapter) / ADAPTER_CONFIG).read_text())["config"])
+            # the adapter's shape, with the runtime policy every entry point defaults to (see merge_configs)
+            saved = SharedCtxConfig.from_dict(json.loads((Path(adapter) / ADAPTER_CONFIG).read_text())["config"])
+            start = saved.replace(policy=DEFAULT_POLICY)
         config = start.replace(**changes)
     return SharedLLM.from_pretrained(args.model, adapter=args.adapter, config=config, device=args.device, dtype=args.dtype)
 
@@ -75,7 +63,7 @@ def _cmd_ask(args) -> int:
 
     if not args.question.strip():  # one rule for --file and --store, checked before any work
         raise InputError("the question is empty; ask something, e.g. sharedctx ask --file notes.txt \"Who keeps the light?\"")
-    if args.store is not None or (args.mode != "latent" and args.file):  # text, hybrid: --file through a temporary index
+    if args.store is not None:
         return _cmd_ask_store(args)
     t0 = time.perf_counter()
     if not args.file:
@@ -86,12 +74,17 @@ def _cmd_ask(args) -> int:
 
     texts, skipped = [], []
     for f in args.file:
+        if args.mode != "latent" and Path(f).is_dir():
+            texts.append(None)  # a folder: the temporary index reads it (recursively)
+            continue
         try:
             texts.append(read_document(f))
         except InputError as exc:  # an unreadable file does not stop the others; listed, and the exit code says so
             skipped.append(str(exc))
-    if not texts:
+    if not texts:  # checked before the model loads, in every mode
         raise InputError("no text to read: " + "; ".join(skipped))
+    if args.mode != "latent":  # text, hybrid: --file through a temporary index
+        return _cmd_ask_store(args)
     context = "\n\n".join(texts)
     llm = _load(args)
     t_load = time.perf_counter()
@@ -169,7 +162,7 @@ def _open_index(args, *, create: bool):
     if getattr(args, "lazy", False):
         options["encode"] = "lazy"
         options.setdefault("policy", "lexical")
-    if args.store is None and options.get("policy") == "lexical":  # a temporary index for `ask --file`: tokenise only
+    if args.store is None and options.get("policy", llm.config.policy) == "lexical":  # a temporary index for `ask --file`: tokenise only
         options["encode"] = "lazy"
     return llm, ContextIndex(llm, args.store, **options)
 
@@ -357,6 +350,10 @@ def _cmd_ask_store(args) -> int:
         for path, reason in report.skipped + report.failed:
             print(f"skipped {path}: {reason}", file=sys.stderr)
     failed = bool(report and (report.failed or report.skipped))
+    if report is not None and args.store is None and not report.added:
+        from .errors import InputError
+
+        raise InputError("no text to read: " + "; ".join(f"{path}: {reason}" for path, reason in report.skipped + report.failed))
     t_load = time.perf_counter()
     stream = sys.stdout.isatty() and not args.json
     if not llm.adapter_trained and not args.json and args.mode != "text":
@@ -442,17 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--file", action="append", default=[], metavar="PATH",
                      help="a text file to read (repeatable); one that cannot be read is skipped and listed, and the exit code is 1")
     _add_model_args(ask)
-    ask.add_argument("--max-new-tokens", type=int, default=128)
-    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                     help=f"tokens to generate at most (default {DEFAULT_MAX_NEW_TOKENS}, as the Python API)")
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default, as the Python API)")
     ask.add_argument("--json", action="store_true", help="print {answer, stats, timings} as JSON")
     ask.add_argument("--store", default=None, metavar="DIR",
                      help="answer from the index in DIR (see `sharedctx index`), with its policy unless --policy is given; "
                           "with --file, add the files to it first")
     ask.add_argument("--follow-links", action="store_true", help="with --store --file DIR: follow symbolic links that leave DIR")
-    ask.add_argument("--mode", choices=["latent", "text", "hybrid"], default="latent",
-                     help="how the answer reads: with --store, the index; with --file alone, text and hybrid read through a temporary index")
-    ask.add_argument("--stop-on-repeat", type=int, default=8, metavar="N",
-                     help="end the answer when its last N tokens repeat earlier ones, dropping the repeat (default 8; 0 turns it off)")
+    ask.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                     help=f"how the answer reads the selected text: latent (injected states), text (spans in the prompt) or "
+                          f"hybrid (both; default {DEFAULT_MODE}). With --store, from the index; with --file alone, text and hybrid "
+                          "read through a temporary index")
+    ask.add_argument("--stop-on-repeat", type=int, default=DEFAULT_STOP_ON_REPEAT, metavar="N",
+                     help="end the answer when its last N tokens repeat earlier ones, dropping the repeat "
+                          f"(default {DEFAULT_STOP_ON_REPEAT}, as the Python API; 0 turns it off)")
     ask.add_argument("--top-k", type=int, default=None, help="with --store: chunks injected at most (default 8)")
     ask.add_argument("--max-injected-states", type=int, default=None, help="with --store: budget of injected states")
     ask.add_argument("--show-citations", type=int, default=5, help="with --store: citations printed (plain output)")

@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["SharedCtxConfig", "LOWER_FIELDS", "ADAPTER_FIELDS", "POLICIES"]
+__all__ = ["SharedCtxConfig", "LOWER_FIELDS", "ADAPTER_FIELDS", "POLICIES", "DEFAULT_POLICY", "MODES", "DEFAULT_MODE",
+           "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_STOP_ON_REPEAT"]
 
 Policy = Literal["query", "lexical", "right", "left", "random"]
 Positions = Literal["chunk", "none"]
@@ -15,6 +16,22 @@ Sampling = Literal["end", "start"]
 
 #: the walk policies (see `SharedCtxConfig.policy`)
 POLICIES = ("query", "lexical", "right", "left", "random")
+#: The policy every entry point uses unless told otherwise (SharedLLM, ContextIndex, the CLI, both integrations).
+#: ``lexical``: until an adapter that reads ships, the key-based walks (``query``, and the ``right`` walk the shipped
+#: adapter was trained with) pick the same nodes whatever the question; BM25 of the nodes' text finds the answer's
+#: chunk (benchmarks/bench_selection.py). An adapter's own training policy applies only when asked for.
+DEFAULT_POLICY: Policy = "lexical"
+#: how an answer reads what the walk selected: ``latent`` injects the states, ``text`` puts the selected spans into
+#: the prompt, ``hybrid`` does both
+MODES = ("latent", "text", "hybrid")
+#: the answer mode of `ContextIndex.query`/`stream`, ``sharedctx ask`` and both integrations: the one that answered the
+#: demo question with the shipped adapter, and the faster of the two that did (benchmarks/demo_choice.py)
+DEFAULT_MODE = "hybrid"
+#: decoding defaults shared by the Python API (`SamplingOptions`, `SharedLLM.stream`, `ContextIndex.query`) and the CLI
+DEFAULT_MAX_NEW_TOKENS = 256
+#: end an answer when its last 8 tokens repeat 8 it already holds (see `SamplingOptions.stop_on_repeat`); a 135M model
+#: loops often, and the demo choice (benchmarks/demo_choice.py) was measured with this guard on
+DEFAULT_STOP_ON_REPEAT = 8
 _POSITIONS = ("chunk", "none")
 _SAMPLING = ("end", "start")
 _GATES = ("tanh", "linear")
@@ -37,9 +54,10 @@ class SharedCtxConfig:
         chunk_size: ``C``, tokens per chunk; each chunk is the root of a context tree.
         tree_height: ``h``, the number of levels of splitting below each chunk root.
         node_keep: states kept per preserved node after sampling (per layer, per key/value head).
-        policy: which child to expand at each split: ``query`` (cosine to the query key), ``lexical`` (BM25
-            of the node's text for the question's words; `ContextIndex` also ranks chunks by it), ``right``,
-            ``left`` or ``random``.
+        policy: which child to expand at each split: ``lexical`` (the default, `DEFAULT_POLICY`: BM25 of the
+            node's text for the question's words; `ContextIndex` also ranks chunks by it), ``query`` (cosine to the
+            query key, the paper's), ``right``, ``left`` or ``random``. A runtime choice: loading an adapter does not
+            change it (the policy an adapter was trained with is `SharedLLM.adapter_policy`; pass it to use it).
         positions: ``chunk`` rotates the keys of chunk ``i`` by RoPE position ``i`` and queries by ``n``,
             the number of injected chunks; ``none`` adds no position (ablation).
         sampling: ``end`` keeps the state that ends each stride window, ``start`` the one that begins it.
@@ -62,7 +80,7 @@ class SharedCtxConfig:
     chunk_size: int = 1024
     tree_height: int = 3
     node_keep: int = 32
-    policy: Policy = "query"
+    policy: Policy = DEFAULT_POLICY
     positions: Positions = "chunk"
     sampling: Sampling = "end"
     split_noise: float = 0.2

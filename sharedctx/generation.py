@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_STOP_ON_REPEAT
 from .injection import Injection
 
 #: a `sharedctx.SharedLLM` (not imported here: model.py imports this module)
@@ -43,7 +44,8 @@ __all__ = [
 class SamplingOptions:
     """How the next token is drawn: greedy when ``temperature == 0``.
 
-    Two guards against a small model looping (both off at 0):
+    Two guards against a small model looping (0 turns either off; ``stop_on_repeat`` is on by default, in the
+    CLI as in the API, ``no_repeat_ngram_size`` off):
 
     - ``no_repeat_ngram_size = n`` never draws a token that would repeat an ``n``-gram the answer already holds
       (the answer's own tokens, not the prompt's, so quoting the question or the context stays possible);
@@ -52,14 +54,14 @@ class SamplingOptions:
       back while streaming, so nothing dropped was ever released.
     """
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
     no_repeat_ngram_size: int = 0
-    stop_on_repeat: int = 0
+    stop_on_repeat: int = DEFAULT_STOP_ON_REPEAT
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:

@@ -28,7 +28,7 @@ from .base_model import (
     check_supported,
     load_base_model,
 )
-from .config import SharedCtxConfig
+from .config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_STOP_ON_REPEAT, SharedCtxConfig
 from .encoder import LowerEncoder, cache_kwarg
 from .errors import PromptTooLongError
 from .generation import Completion, CompletionStream, SamplingOptions
@@ -74,6 +74,8 @@ class SharedLLM(nn.Module):
         self._cache_kw = cache_kwarg(model.forward)
         self.adapter_trained = False
         self.adapter_path: str | None = None
+        #: the walk policy the loaded adapter was trained with (None without one); `config.policy` is the one in use
+        self.adapter_policy: str | None = None
         self._train_generator: torch.Generator | None = None
         self.train(model.training)
 
@@ -304,7 +306,13 @@ class SharedLLM(nn.Module):
         texts: list[str | None] = [None] * batch
         if cfg.policy == "lexical":
             if query_text is None:
-                tok = self._require_tokenizer()
+                if self.tokenizer is None:
+                    raise ValueError(
+                        "the lexical policy (the default) scores node text for the question's words, and this SharedLLM has "
+                        "no tokenizer to read the question's token ids: pass query_text=, build it with a tokenizer, or use "
+                        "a key-based walk: SharedCtxConfig(policy='query')"
+                    )
+                tok = self.tokenizer
                 texts = [tok.decode(input_ids[b, : qlens[b]].tolist(), skip_special_tokens=True) for b in range(batch)]
             else:
                 texts = [query_text] * batch if isinstance(query_text, str) else list(query_text)
@@ -402,14 +410,14 @@ class SharedLLM(nn.Module):
         prompt: str | Sequence[int] | torch.Tensor,
         *,
         context: ContextLike | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         stop: Sequence[str] | str = (),
         seed: int | None = None,
         no_repeat_ngram_size: int = 0,
-        stop_on_repeat: int = 0,
+        stop_on_repeat: int = DEFAULT_STOP_ON_REPEAT,
         chat: bool = True,
         system: str | None = None,
         stats: dict[str, Any] | None = None,

@@ -81,6 +81,8 @@ def make_llm(arch: str = "llama", *, seed: int = 0, gates: float | None = None, 
     from sharedctx import SharedCtxConfig, SharedLLM
 
     defaults = dict(injection_layers=2, chunk_size=32, tree_height=3, node_keep=4)
+    if not tokenizer:  # the default lexical walk reads the question's text: without a tokenizer, walk by keys
+        defaults["policy"] = "query"
     defaults.update(cfg)
     llm = SharedLLM.from_model(tiny_model(arch, seed), byte_tokenizer() if tokenizer else None, config=SharedCtxConfig(**defaults))
     if gates is not None:

@@ -41,7 +41,9 @@ def one_thread():
 
 @pytest.fixture
 def llm():
-    return make_llm(gates=1.0)
+    # the paper's key-based walk: the tests using this fixture check what the walk and the injection do with keys;
+    # the default (lexical) walk has its own tests (test_defaults.py, test_lexical.py)
+    return make_llm(gates=1.0, policy="query")
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ def base_and_llm():
     reference = copy.deepcopy(base)
     from sharedctx import SharedCtxConfig, SharedLLM
 
-    return reference, SharedLLM.from_model(base, byte_tokenizer(), config=SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4))
+    return reference, SharedLLM.from_model(base, byte_tokenizer(), config=SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4, policy="query"))
 
 
 def word_shards(tmp_path_factory, held: str | None = None):

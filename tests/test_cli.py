@@ -22,7 +22,7 @@ def model_dir(tmp_path):
 def test_ask_json(model_dir, tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("The lantern of Harrow Point is green. " * 80)
-    rc = main(["ask", "--file", str(doc), "--model", str(model_dir), "--injection-layers", "2", "--chunk-size", "512", "--json", "--max-new-tokens", "5", "What colour?"])
+    rc = main(["ask", "--file", str(doc), "--model", str(model_dir), "--injection-layers", "2", "--chunk-size", "512", "--json", "--max-new-tokens", "5", "--mode", "latent", "What colour?"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"answer", "stats", "timings", "warning"}
@@ -52,15 +52,22 @@ def test_ask_plain_prints_untrained_note(model_dir, tmp_path, capsys):
     assert "injection_layers=4 exceeds" in capsys.readouterr().err
 
 
-def test_policy_help_shows_the_effective_default(capsys):
-    from sharedctx.adapter_files import ADAPTER_CONFIG, default_adapter_path
+def test_help_states_the_defaults_the_python_api_uses(capsys):
+    from sharedctx.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, DEFAULT_POLICY, DEFAULT_STOP_ON_REPEAT
+    from sharedctx.generation import SamplingOptions
 
-    shipped = json.loads((default_adapter_path() / ADAPTER_CONFIG).read_text())["config"]["policy"]
     with pytest.raises(SystemExit):
         main(["ask", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"Default: the adapter's own ({shipped} for the default model's shipped adapter" in text
-    assert "node keys, default" not in text
+    assert f"Default: {DEFAULT_POLICY} (not the policy an adapter was trained with" in text
+    assert f"default {DEFAULT_MODE})" in text and DEFAULT_MODE == "hybrid" and DEFAULT_POLICY == "lexical"
+    assert f"(default {DEFAULT_STOP_ON_REPEAT}, as the Python API" in text and f"(default {DEFAULT_MAX_NEW_TOKENS}, as the Python API)" in text
+    options = SamplingOptions()
+    assert (options.stop_on_repeat, options.max_new_tokens) == (DEFAULT_STOP_ON_REPEAT, DEFAULT_MAX_NEW_TOKENS)
+    from sharedctx.cli import build_parser
+
+    args = build_parser().parse_args(["ask", "q", "--file", "f"])
+    assert (args.mode, args.policy, args.stop_on_repeat, args.max_new_tokens) == (DEFAULT_MODE, None, DEFAULT_STOP_ON_REPEAT, DEFAULT_MAX_NEW_TOKENS)
 
 
 def test_ask_skips_an_unreadable_file_and_exits_nonzero(model_dir, tmp_path, capsys, monkeypatch):
@@ -70,7 +77,7 @@ def test_ask_skips_an_unreadable_file_and_exits_nonzero(model_dir, tmp_path, cap
     good.write_text("The lantern of Harrow Point is green. " * 10)
     bad.write_text("secret")
     unreadable(monkeypatch, "bad.txt")
-    argv = ["ask", "--file", str(bad), "--file", str(good), "--model", str(model_dir), "--injection-layers", "2", "--json", "--max-new-tokens", "2"]
+    argv = ["ask", "--file", str(bad), "--file", str(good), "--model", str(model_dir), "--injection-layers", "2", "--json", "--max-new-tokens", "2", "--mode", "latent"]
     assert main([*argv, "What colour?"]) == 1
     out = capsys.readouterr()
     assert json.loads(out.out)["stats"]["chunks"] == 1 and "bad.txt: cannot be read" in out.err
@@ -93,7 +100,7 @@ def test_long_ask_file_shows_progress_and_ctrl_c_exits_cleanly(model_dir, tmp_pa
 
     doc = tmp_path / "doc.txt"
     doc.write_text("The lantern of Harrow Point is green. " * 300)
-    argv = ["ask", "--file", str(doc), "--model", str(model_dir), "--injection-layers", "2", "--chunk-size", "256", "--max-new-tokens", "2", "q"]
+    argv = ["ask", "--file", str(doc), "--model", str(model_dir), "--injection-layers", "2", "--chunk-size", "256", "--max-new-tokens", "2", "--mode", "latent", "q"]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(argv) == 0
     err = capsys.readouterr().err

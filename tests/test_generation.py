@@ -116,22 +116,22 @@ def test_row_decoder_ends_at_eos_max_tokens_and_stop_strings():
         out[0, tid] = 0.0
         return out
 
-    row = RowDecoder(SamplingOptions(max_new_tokens=10), {2}, tok, None)
+    row = RowDecoder(SamplingOptions(max_new_tokens=10, stop_on_repeat=0), {2}, tok, None)
     assert row.push(logits_for(ids[0])) == "a" and not row.done and row.first_token_at is not None
     assert row.push(logits_for(2)) == "" and row.done and row.generated == [ids[0]]  # end of sequence: not kept
     assert row.finish() == ""
 
-    row = RowDecoder(SamplingOptions(max_new_tokens=10, stop=["END"]), {2}, tok, None)
+    row = RowDecoder(SamplingOptions(max_new_tokens=10, stop=["END"], stop_on_repeat=0), {2}, tok, None)
     released = "".join(row.push(logits_for(t)) for t in ids[:3])  # "abE": "E" may begin the stop string
     assert released == "ab" and not row.done
     assert row.push(logits_for(ids[3])) == "" and not row.done  # "EN" held back too
     assert row.push(logits_for(ids[4])) == "" and row.done and row.finish() == ""  # stopped: "END" never released
 
-    row = RowDecoder(SamplingOptions(max_new_tokens=2, stop=["zz"]), {2}, tok, None)
+    row = RowDecoder(SamplingOptions(max_new_tokens=2, stop=["zz"], stop_on_repeat=0), {2}, tok, None)
     row.push(logits_for(ids[0]))
     assert row.push(logits_for(ids[1])) == "b" and row.done and row.generated == ids[:2]  # max_new_tokens
-    assert RowDecoder(SamplingOptions(max_new_tokens=0), {2}, tok, None).done
-    untokenized = RowDecoder(SamplingOptions(max_new_tokens=3, stop=["a"]), {2}, None, None)
+    assert RowDecoder(SamplingOptions(max_new_tokens=0, stop_on_repeat=0), {2}, tok, None).done
+    untokenized = RowDecoder(SamplingOptions(max_new_tokens=3, stop=["a"], stop_on_repeat=0), {2}, None, None)
     assert untokenized.push(logits_for(ids[0])) == "" and not untokenized.done and untokenized.finish() == ""
 
 
@@ -143,7 +143,7 @@ def _ngrams(ids: list[int], n: int) -> list[tuple[int, ...]]:
 def test_stop_on_repeat_ends_a_looping_answer_and_drops_the_repeat():
     llm = make_llm(gates=1.0)  # this tiny random model loops under greedy decoding (e.g. 196 74 16 196 74 16 ...)
     kw = dict(context="some context text " * 5, max_new_tokens=60)
-    loose = llm.complete("hello", **kw)
+    loose = llm.complete("hello", stop_on_repeat=0, **kw)
     assert len(_ngrams(loose.token_ids, 4)) > len(set(_ngrams(loose.token_ids, 4)))  # the unguarded answer repeats
     guarded = llm.complete("hello", stop_on_repeat=4, **kw)
     kept = guarded.token_ids
@@ -164,13 +164,18 @@ def test_no_repeat_ngram_size_bans_repeated_ngrams():
     assert llm.complete("abc", **kw).token_ids != ids
 
 
-def test_repetition_guards_are_off_by_default_and_equal_in_batch():
+def test_repetition_guard_is_on_by_default_as_in_the_cli_and_equal_in_batch():
+    from sharedctx.config import DEFAULT_STOP_ON_REPEAT
+
     llm = make_llm(gates=1.0)
     context = llm.encode(random_ids(90, seed=1))
     prompts = ["hello", "tell me", "abc"]
     default = [llm.complete(p, context=context, max_new_tokens=40).token_ids for p in prompts]
+    guarded = [llm.complete(p, context=context, max_new_tokens=40, stop_on_repeat=DEFAULT_STOP_ON_REPEAT).token_ids for p in prompts]
     off = [llm.complete(p, context=context, max_new_tokens=40, stop_on_repeat=0, no_repeat_ngram_size=0).token_ids for p in prompts]
-    assert default == off
+    assert DEFAULT_STOP_ON_REPEAT == 8 and SamplingOptions().stop_on_repeat == DEFAULT_STOP_ON_REPEAT
+    assert default == guarded and default != off  # this tiny model loops: the default guard cuts a loop off
+    assert all(len(d) <= len(o) and o[: len(d)] == d for d, o in zip(default, off))  # it only ever shortens the answer
     injections = [llm.prepare_injection(context, llm.prompt_ids(p)) for p in prompts]
     for opts in ({"stop_on_repeat": 4}, {"no_repeat_ngram_size": 3}):
         single = [llm.complete(p, context=context, max_new_tokens=40, **opts) for p in prompts]
@@ -197,7 +202,7 @@ def test_row_decoder_repeat_guards_with_rigged_logits():
     assert row.push(logits_for(ids[4])) == "" and row.done and row.repeated  # "ab" again: stop, drop it
     assert row.generated == ids[:3] and row.finish() == ""  # "xab" was released already; nothing more
     assert banned_tokens([1, 2, 3, 1, 2], 3) == [3] and banned_tokens([1, 2], 3) == [] and banned_tokens([5, 5], 2) == [5]
-    row = RowDecoder(SamplingOptions(max_new_tokens=20, no_repeat_ngram_size=2), {2}, tok, None)
+    row = RowDecoder(SamplingOptions(max_new_tokens=20, no_repeat_ngram_size=2, stop_on_repeat=0), {2}, tok, None)
     rigged = torch.full((1, 300), -1e9)
     rigged[0, ids[1]], rigged[0, ids[2]] = 1.0, 0.5  # "a" always preferred, "b" second
     assert "".join(row.push(rigged) for _ in range(3)) == "aab"  # "aa" may not come twice: "b" instead

@@ -18,7 +18,7 @@ from sharedctx.errors import ContextMismatchError, PromptTooLongError
 def test_untrained_adapter_equals_base(arch, n_ctx, precompute):
     base = tiny_model(arch)
     reference = copy.deepcopy(base)
-    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4))
+    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4, policy="query"))
     ids = random_ids(12, seed=1)[None]
     context = llm.encode(random_ids(n_ctx, seed=2), precompute=precompute)
     with torch.no_grad():
@@ -291,7 +291,7 @@ def test_detach_restores_the_original_layers():
 
     base = tiny_model()
     reference = copy.deepcopy(base)
-    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4))
+    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=2, chunk_size=32, node_keep=4, policy="query"))
     assert isinstance(base.model.layers[0], InjectedDecoderLayer)
     detach(base)
     assert not any(isinstance(layer, InjectedDecoderLayer) for layer in base.model.layers)
@@ -353,7 +353,7 @@ def test_text_tree_cache_hits_evicts_and_guards_model_identity():
 def test_upper_lora_starts_as_the_base_and_acts_only_under_injection(arch):
     base = tiny_model(arch)
     reference = copy.deepcopy(base)
-    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=1, chunk_size=32, node_keep=4, upper_lora_rank=4))
+    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=1, chunk_size=32, node_keep=4, upper_lora_rank=4, policy="query"))
     assert len(llm.upper_lora) == 3 * 2  # q, v, o of the two layers above the bottom one
     ids, ctx = random_ids(10, seed=1)[None], random_ids(90, seed=2)
     with torch.no_grad():
@@ -413,7 +413,7 @@ def test_detach_takes_the_upper_lora_hooks_off():
 
     base = tiny_model()
     reference = copy.deepcopy(base)
-    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=1, chunk_size=32, node_keep=4, upper_lora_rank=2))
+    llm = SharedLLM.from_model(base, config=SharedCtxConfig(injection_layers=1, chunk_size=32, node_keep=4, upper_lora_rank=2, policy="query"))
     set_gates(llm, 1.0)
     ids = random_ids(6)[None]
     inj = llm.prepare_injection(random_ids(64, seed=3), ids)

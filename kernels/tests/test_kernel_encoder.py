@@ -14,7 +14,7 @@ def _llm(device):
                       num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval().to(device)
-    return SharedLLM.from_model(model, config=SharedCtxConfig(injection_layers=2, chunk_size=48, tree_height=3, node_keep=5))
+    return SharedLLM.from_model(model, config=SharedCtxConfig(injection_layers=2, chunk_size=48, tree_height=3, node_keep=5, policy="query"))
 
 
 def test_fused_sampling_in_the_encoder_equals_index_select(device):

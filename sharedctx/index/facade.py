@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from ..concurrency import MicroBatcher
-from ..config import POLICIES
+from ..config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, MODES, POLICIES
 from ..errors import (
     InputError,
     ReadOnlyIndexError,
@@ -63,7 +63,6 @@ __all__ = ["ContextIndex", "merge_into"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("latent", "text", "hybrid")
 _FORMAT = "sharedctx-index-1"
 
 
@@ -102,8 +101,8 @@ class ContextIndex:
             (prefill and decoding), at most this many per batch; 1 runs each call on its own.
         batch_wait_s: how long a query arriving at an idle model waits for others to share its batch.
         policy: how chunks are ranked and trees walked for a question (default: the policy the index was built
-            with, recorded in its manifest; for a new index, the model's ``config.policy``).
-            ``lexical`` ranks chunks and expands children by BM25 of their text for the question's words;
+            with, recorded in its manifest; for a new index, the model's ``config.policy``, which is ``lexical``
+            unless the model was built with another: `sharedctx.config.DEFAULT_POLICY`). ``lexical`` ranks chunks and expands children by BM25 of their text for the question's words;
             ``query`` by cosine of hidden-state keys (the paper's); ``right``/``left``/``random`` rank by keys and
             walk blindly. `benchmarks/bench_selection.py` measures how often each puts the answer's chunk first.
         encode: ``eager`` runs the lower model over every chunk as it is added (the paper's "encode once, query
@@ -520,18 +519,19 @@ class ContextIndex:
         self,
         question: str,
         *,
-        mode: str = "latent",
+        mode: str = DEFAULT_MODE,
         top_k_chunks: int | None = None,
         max_injected_states: int | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         stats: dict[str, Any] | None = None,
         prompt: str | Sequence[int] | None = None,
         **generation: Any,
     ) -> Iterator[str]:
         """Yield the answer as it is decoded; ``stats`` receives citations, statistics and timings at the end.
 
-        ``mode``: ``latent`` injects the selected states; ``text`` puts the selected spans into the prompt as text;
-        ``hybrid`` does both. ``top_k_chunks`` overrides the index's ``top_k`` (chunks injected) for this call.
+        ``mode``: ``hybrid`` (the default, `sharedctx.config.DEFAULT_MODE`) injects the selected states and puts the
+        selected spans into the prompt as text; ``text`` only the spans; ``latent`` only the states (it answers from the
+        context only with an adapter that reads: the shipped one does not yet, docs/adapters.md). ``top_k_chunks`` overrides the index's ``top_k`` (chunks injected) for this call.
         Other options (``temperature``, ``top_k`` and ``top_p`` of sampling, ``stop``, ``seed``, ...) go to
         `SharedLLM.stream`. ``prompt`` (latent mode only): what the model reads instead of the bare question, e.g.
         the token ids of a whole conversation in the chat template; nodes are still selected for ``question``.
@@ -556,7 +556,7 @@ class ContextIndex:
         first = (prep.t_retrieved - prep.t0) + done.timings.first_token_s
         answers.append(self._answer(prep, done.text, done.stats, done.token_ids, done.timings, time.perf_counter(), first))
 
-    def query(self, question: str, *, mode: str = "latent", **options: Any) -> Answer:
+    def query(self, question: str, *, mode: str = DEFAULT_MODE, **options: Any) -> Answer:
         """Answer ``question`` from the indexed documents (see `stream` for ``mode`` and options).
 
         Safe to call from many threads: retrieval runs in the caller's thread, and calls that arrive together
@@ -565,7 +565,7 @@ class ContextIndex:
         if self._batcher is None:
             answers: list[Answer] = []
             top_k_chunks, max_states = options.pop("top_k_chunks", None), options.pop("max_injected_states", None)
-            max_new_tokens, prompt = options.pop("max_new_tokens", 256), options.pop("prompt", None)
+            max_new_tokens, prompt = options.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS), options.pop("prompt", None)
             for _ in self._stream(question, mode, top_k_chunks, max_states, max_new_tokens, prompt, options, answers):
                 pass
             return answers[0]
@@ -573,7 +573,7 @@ class ContextIndex:
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown query options {unknown}; known: {sorted(known)}")
-        max_new_tokens = options.get("max_new_tokens", 256)
+        max_new_tokens = options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         sampling = {k: options[k] for k in SAMPLING_FIELDS if k in options}
         sampling["max_new_tokens"] = max_new_tokens
         SamplingOptions(**sampling)  # invalid options fail here, in the caller, not in a shared batch
