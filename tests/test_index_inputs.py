@@ -99,7 +99,7 @@ def test_store_of_another_model_or_configuration_is_refused(llm, tmp_path):
     with pytest.raises(StoreMismatchError, match="chunk_size"):
         ContextIndex.load(tmp_path / "ix", make_llm(gates=1.0, **{**CFG, "chunk_size": 128}))
     # options that do not shape the stored states (policy, gates) are fine
-    assert len(ContextIndex.load(tmp_path / "ix", make_llm(gates=0.5, policy="right", **CFG))) == 1
+    assert len(ContextIndex.load(tmp_path / "ix", make_llm(gates=0.5, **{**CFG, "policy": "right"}))) == 1
 
 
 def test_full_disk_keeps_nothing_half_written(llm, tmp_path, monkeypatch):
