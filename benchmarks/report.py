@@ -284,6 +284,28 @@ def selection_rows(data: dict) -> list[str]:
     return rows
 
 
+def rewording_rows(data: dict) -> list[str]:
+    """benchmarks/bench_rewording.py: top-1 chunk accuracy of the chunk rankers on reworded questions and finding tasks."""
+    cmd, mach = _command(data), _machine(data["machine"])
+    arms = data["arms"]
+
+    def cells(acc: dict) -> str:
+        return " · ".join(f"{a} {acc[a]['top1']:.2f} (@3 {acc[a]['recall@3']:.2f}, MRR {acc[a]['mrr']:.2f})" for a in arms)
+
+    r = data["reworded"]
+    docs = ", ".join(f"{name} ({d['chunks']})" for name, d in r["documents"].items())
+    rows = [f"| top-1 chunk accuracy, {r['questions']} reworded questions in one index of {r['chunks']} chunks of "
+            f"{_k(data['chunk_size'])} tokens ({docs}; embedder {data['embedder']}) | {cells(r['accuracy'])} | {cmd} | {mach} |"]
+    f = data["finding"]
+    for n in f["lengths"]:
+        acc = {a: f["accuracy"][a][str(n)] for a in arms}
+        rows.append(f"| top-1 chunk accuracy, finding tasks at {_k(n)} tokens ({', '.join(f['tasks'])}; "
+                    f"{next(iter(acc.values()))['n']} trials) | {cells(acc)} | {cmd} | {mach} |")
+    for arm, reason in data.get("not_run", {}).items():
+        rows.append(f"| top-1 chunk accuracy, {arm} | not run: {reason[:160]} | {cmd} | {mach} |")
+    return rows
+
+
 def learnability_rows(data: dict) -> list[str]:
     """benchmarks/bench_learnability.py: can the injection path learn a content lookup at all (tiny model, from scratch)?"""
     mach = _machine(data["machine"])
@@ -308,6 +330,7 @@ ROWS = {
     "lexicon": lexicon_rows,
     "distributed": distributed_rows,
     "selection": selection_rows,
+    "rewording": rewording_rows,
     "finding": finding_rows,
     "ppl": ppl_rows,
     "ablations": ablation_rows,
@@ -355,6 +378,15 @@ SECTIONS = {
         ("Recall@1 / @2 / @8 of the chunk holding the answer, over the finding tasks. `design` is the paper's key-based "
          "selection (the `query` policy); `mean_l*` and `maxleaf_l*` are untrained hidden-state variants; `lexical` is "
          "the library's `lexical` policy; `bm25` is bm25s over the same texts, an outside reference."),
+    ),
+    "rewording": (
+        "Chunk ranking on reworded questions: lexical, hybrid, MiniLM (`bench_rewording.py`)",
+        ("Which chunk does the first step of `ContextIndex.retrieve` rank first? Top-1 accuracy (a gold chunk first), "
+         "recall@3 and mean reciprocal rank, on questions written in other words than their passage "
+         "(benchmarks/data/rewording.json, all documents in one index) and on the finding tasks (one index per trial). "
+         "`lexical_unstemmed`: BM25 over surface words (the tokenizer before stemming); `lexical`: the `lexical` policy "
+         "(BM25 over Snowball stems); `minilm`: all-MiniLM-L6-v2 alone (a chunk's best 128-token piece); `hybrid`: "
+         "`ContextIndex(embedder=...)`, reciprocal rank fusion of `lexical` and `minilm`."),
     ),
     "finding": (
         "Finding things: passkeys, RULER-style needles, variable tracking (`bench_finding.py`)",

@@ -109,7 +109,8 @@ def test_report_covers_every_benchmark(bench):
     text = report.table(bench[1], "_quick")
     for name, kind in (("finding_quick.json", "finding things"), ("efficiency_quick.json", "time to first token"),
                        ("ppl_quick.json", "PPL of the last"), ("ablations_quick.json", "ablation"),
-                       ("selection_quick.json", "chunk selection"), ("lexicon_quick.json", "lexical ranking")):
+                       ("selection_quick.json", "chunk selection"), ("lexicon_quick.json", "lexical ranking"),
+                       ("rewording_quick.json", "top-1 chunk accuracy")):
         if name in test_files:
             assert kind in text
     assert text.count("\n") > 5
@@ -165,6 +166,23 @@ def test_lexicon_quick(bench):
         assert x["index"]["retrieve_ms"]["median"] > 0 and x["index"]["tokens"] >= x["tokens"]
     assert r["growth"]["tokens"] > 2
     assert (out / "lexicon_quick.png").stat().st_size > 1000
+
+
+def test_rewording_quick(bench):
+    import bench_rewording
+
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("all_minilm_l6_v2")
+    r = bench_rewording.main(_args(bench, "--lengths", "512", "--tasks", "passkey", "niah_single"))
+    assert r["arms"] == ["lexical_unstemmed", "lexical", "minilm", "hybrid"] and not r["not_run"]
+    rw = r["reworded"]
+    assert rw["questions"] >= 9 and rw["chunks"] > 1 and rw["skipped"]  # the shipped excerpts hold the opening chapters only
+    assert rw["library_agrees"] == {"lexical": f"{rw['questions']}/{rw['questions']}", "hybrid": f"{rw['questions']}/{rw['questions']}"}
+    for acc in [rw["accuracy"], r["finding"]["accuracy_all"]]:
+        for cell in acc.values():
+            assert 0.0 <= cell["top1"] <= cell["recall@3"] <= 1.0 and 0.0 < cell["mrr"] <= 1.0
+    assert len(r["finding"]["trials"]) == 2 and all(t["gold"] for t in r["finding"]["trials"])
+    assert (bench[1] / "rewording_quick.png").is_file()
 
 
 def test_offline_tiktoken_serves_a_local_cl100k_as_tiktoken_cache(bench, tmp_path, monkeypatch):

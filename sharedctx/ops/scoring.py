@@ -133,12 +133,12 @@ class BM25:
 
     ``scores(query)`` scores the fitted texts; ``scores(query, others)`` scores other texts (e.g. the nodes inside a
     chunk) with the same statistics, so scores of siblings are comparable. Texts sharing no term with the query
-    score 0.
+    score 0. ``stem=False`` counts surface words (the tokenizer before stemming; for comparisons).
     """
 
-    def __init__(self, texts: Sequence[str], *, k1: float = 1.5, b: float = 0.75) -> None:
-        self.k1, self.b = k1, b
-        self._counts = [Counter(words(t)) for t in texts]
+    def __init__(self, texts: Sequence[str], *, k1: float = 1.5, b: float = 0.75, stem: bool = True) -> None:
+        self.k1, self.b, self.stem = k1, b, stem
+        self._counts = [Counter(words(t, stem=stem)) for t in texts]
         self.n = len(self._counts)
         self.avg_len = (sum(sum(c.values()) for c in self._counts) / self.n) if self.n else 0.0
         df: Counter[str] = Counter()
@@ -154,8 +154,8 @@ class BM25:
 
     def scores(self, query: str, texts: Sequence[str] | None = None) -> torch.Tensor:
         """``(N,)`` float32 scores of the fitted texts (or of ``texts``) for ``query``."""
-        terms = list(dict.fromkeys(words(query)))
-        counts = self._counts if texts is None else [Counter(words(t)) for t in texts]
+        terms = list(dict.fromkeys(words(query, stem=self.stem)))
+        counts = self._counts if texts is None else [Counter(words(t, stem=self.stem)) for t in texts]
         return torch.tensor([self._score(terms, c) for c in counts], dtype=torch.float32)
 
 
