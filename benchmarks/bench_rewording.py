@@ -133,10 +133,9 @@ def read_questions(args) -> tuple[list[dict], dict[str, Path], list[str]]:
     return kept, docs, skipped
 
 
-def run_reworded(args, llm, embedder) -> dict:
+def run_reworded(args, llm, embedder, questions: list[dict], paths: dict[str, Path], skipped: list[str]) -> dict:
     from sharedctx import ContextIndex
 
-    questions, paths, skipped = read_questions(args)
     with ContextIndex(llm, None, encode="lazy", policy="lexical", max_batch_queries=1) as index:
         for name, path in paths.items():
             index.add_text(path.read_text(encoding="utf-8"), doc_id=name)
@@ -180,10 +179,10 @@ def run_reworded(args, llm, embedder) -> dict:
         }
 
 
-def run_finding(args, llm, embedder) -> dict:
+def run_finding(args, llm, embedder, filler_path: Path) -> dict:
     from sharedctx import ContextIndex
 
-    filler = filler_tokens(llm.tokenizer, data_file(args.filler, args).read_text(encoding="utf-8"))
+    filler = filler_tokens(llm.tokenizer, filler_path.read_text(encoding="utf-8"))
     rng = np.random.default_rng(args.seed)
     trials = []
     for length in args.lengths:
@@ -234,11 +233,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.lengths, args.trials, args.tasks = args.lengths or [2048], 1, args.tasks[:2]
     args.lengths = args.lengths or [16384, 32768]
+    questions = read_questions(args)  # every text is found before the model loads
+    filler_path = data_file(args.filler, args)
     llm = load_llm(args, policy="lexical")
     embedder, not_run = load_embedder_or_reason(args.embedder)
     t0 = time.perf_counter()
-    reworded = run_reworded(args, llm, embedder)
-    finding = run_finding(args, llm, embedder)
+    reworded = run_reworded(args, llm, embedder, *questions)
+    finding = run_finding(args, llm, embedder, filler_path)
     result = {
         **model_info(llm),
         "embedder": args.embedder,

