@@ -186,3 +186,30 @@ def test_minilm_hybrid_finds_reworded_questions(small_llm, tmp_path):
         assert top_doc(index, "Who nowadays maintains the record book of the lighthouse?") == "p4"  # Ada Penhallow
         assert top_doc(index, "Which daughter succeeded her father as custodian?") == "p3"  # Hester Wren
         assert top_doc(index, "What relic from the shipwreck hangs by the entrance?") == "p5"  # the fog bell
+
+
+def test_words_are_the_same_from_many_threads_while_the_stem_table_fills_and_clears(monkeypatch):
+    import threading
+
+    import sharedctx.ops.scoring as scoring
+
+    rng = random.Random(0)
+    vocab = [f"found{s}" for s in ("", "ed", "ing", "er", "ers", "s")] + ["the", "and", "keepers", "light", "lighting"]
+    vocab += ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 6))) for _ in range(300)]
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 80))) for _ in range(200)]
+    expected = [words(t) for t in texts]
+    monkeypatch.setattr(scoring, "_MAX_STEMS", 40)  # the table clears again and again
+    scoring._TERMS.clear()
+    got: dict[int, list] = {}
+
+    def work(k: int) -> None:
+        got[k] = [words(t) for t in texts[k::4]]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        assert got[k] == expected[k::4]
+    assert len(scoring._TERMS) <= 40 + len(vocab)

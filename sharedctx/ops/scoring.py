@@ -59,7 +59,8 @@ STOPWORDS = frozenset(
 TOKENIZER_VERSION = 2
 _STEMMER_ALGORITHM = "english"
 _local = threading.local()  # PyStemmer's stemmer objects are not thread-safe: one per thread
-_STEMS: dict[str, str] = {}  # word -> stem, shared by threads (dict reads and writes are atomic); at most _MAX_STEMS
+#: word -> its stem ("" for a stop word), shared by threads (dict reads and writes are atomic); at most _MAX_STEMS words
+_TERMS: dict[str, str] = {}
 _MAX_STEMS = 1 << 20
 
 
@@ -85,7 +86,7 @@ def tokenizer_id() -> str:
 def _stem_many(missing: list[str]) -> list[str]:
     stemmer = getattr(_local, "stemmer", None)
     if stemmer is None:
-        stemmer = _local.stemmer = _pystemmer().Stemmer(_STEMMER_ALGORITHM, 0)  # no cache of its own: _STEMS is
+        stemmer = _local.stemmer = _pystemmer().Stemmer(_STEMMER_ALGORITHM, 0)  # no cache of its own: _TERMS is
     return stemmer.stemWords(missing)
 
 
@@ -93,20 +94,29 @@ def words(text: str, *, stem: bool = True) -> list[str]:
     """The terms BM25 counts in ``text``: lower-cased ``\\w+`` tokens without English stop words, each reduced to its
     Snowball English stem ("founded" -> "found", "keepers" -> "keeper"). ``stem=False``: the surface words (version 1
     of these rules), for comparisons."""
-    found = [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+    found = _WORD.findall(text.lower())
     if not stem:
-        return found
-    stems = _STEMS
-    try:
-        return [stems[w] for w in found]
+        return [w for w in found if w not in STOPWORDS]
+    terms = _TERMS
+    try:  # one lookup per token once its word has been seen
+        return [t for t in map(terms.__getitem__, found) if t]
     except KeyError:  # words not seen yet: stemmed in one call
         pass
-    missing = list(dict.fromkeys(w for w in found if w not in stems))
-    new = dict(zip(missing, _stem_many(missing)))
-    if len(stems) + len(new) > _MAX_STEMS:
-        stems.clear()
-    stems.update(new)
-    return [new[w] if w in new else stems.get(w) or _stem_many([w])[0] for w in found]  # another thread may clear
+    missing = [w for w in dict.fromkeys(found) if w not in terms]
+    content = [w for w in missing if w not in STOPWORDS]
+    new = dict.fromkeys(missing, "")
+    new.update(zip(content, _stem_many(content)))
+    if len(terms) + len(new) > _MAX_STEMS:
+        terms.clear()
+    terms.update(new)
+    out = []
+    for w in found:  # another thread may have cleared the table since
+        t = new[w] if w in new else terms.get(w)
+        if t is None:
+            t = "" if w in STOPWORDS else _stem_many([w])[0]
+        if t:
+            out.append(t)
+    return out
 
 
 def bm25_idf(n: int, df: int) -> float:
