@@ -213,3 +213,24 @@ def test_words_are_the_same_from_many_threads_while_the_stem_table_fills_and_cle
     for k in range(4):
         assert got[k] == expected[k::4]
     assert len(scoring._TERMS) <= 40 + len(vocab)
+
+
+def test_cli_ask_embedder_ranks_through_the_hybrid_ranker(tmp_path, capsys, monkeypatch):
+    import json
+
+    import sharedctx.index.embedding as embedding
+    from conftest import byte_tokenizer, tiny_model
+    from sharedctx.cli import main
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    byte_tokenizer().save_pretrained(tmp_path / "base")
+    fake = ConceptEmbedder()
+    asked: list[str] = []
+    monkeypatch.setattr(embedding, "load_embedder", lambda spec: asked.append(spec) or fake)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(" ".join(DOCS.values()) * 20)
+    rc = main(["ask", "--file", str(doc), "--model", str(tmp_path / "base"), "--injection-layers", "2", "--chunk-size", "256",
+               "--json", "--max-new-tokens", "2", "--mode", "text", "--embedder", "my-model", QUESTION])
+    assert rc == 0 and asked == ["my-model"] and fake.calls  # the chunks and the question were embedded
+    assert json.loads(capsys.readouterr().out)["citations"]
