@@ -29,7 +29,7 @@ __all__ = [
 #: public name -> module it lives in; also the errors users most often catch, importable but not in __all__
 _LAZY = {
     "SharedLLM": ".model",
-    "Completion": ".generation",
+    "Completion": ".stats",
     "SharedCtxConfig": ".config",
     "ContextTree": ".tree",
     "TextTreeCache": ".contexts",
@@ -55,11 +55,11 @@ if TYPE_CHECKING:
         PromptTooLongError,
         SharedCtxError,
     )
-    from .generation import Completion
     from .index import Answer, Citation, ContextIndex
     from .index.store import TreeStore
     from .injection import Injection  # noqa: F401
     from .model import SharedLLM
+    from .stats import Completion
     from .tree import ContextTree
 
 

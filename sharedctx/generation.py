@@ -1,8 +1,9 @@
 """Decoding with injected states held fixed: prefill, one token at a time, sampling, stop strings, streaming.
 
-`stream_completion` answers one prompt (streaming), `complete_batch` several in one batched prefill and decoding
-loop; both drive one `RowDecoder` per answer. `SharedLLM.stream` / `complete` / `complete_batch` call these, and
-`ContextIndex` too. What an answer cost travels as `AnswerStats` and `Timings`, serialised by `to_dict()`.
+A prompt becomes a `GenerationRequest` once (`make_request`: tokenised, checked against the window, with the
+injected states it reads and its `SamplingOptions`); `decode` is the one loop that answers requests, one or a batch,
+driving a `RowDecoder` per row: `stream` runs it for one request, `complete` for several. The model is anything
+that is a `DecodingModel` (`SharedLLM` is). What an answer cost travels as `sharedctx.stats` types.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Iterator, Protocol, Sequence
 
 import torch
 
 from .config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_STOP_ON_REPEAT
 from .injection import Injection
-
-#: a `sharedctx.SharedLLM` (not imported here: model.py imports this module)
-SharedLLM = Any
+from .stats import AnswerStats, Completion, Timings
 
 __all__ = [
     "SamplingOptions",
@@ -28,11 +27,14 @@ __all__ = [
     "StopMatcher",
     "banned_tokens",
     "RowDecoder",
-    "AnswerStats",
-    "Timings",
-    "Completion",
     "CompletionStream",
-    "stream_completion",
+    "DecodingModel",
+    "GenerationRequest",
+    "make_request",
+    "sampling_options",
+    "decode",
+    "stream",
+    "complete",
     "complete_batch",
     "chat_prompt_ids",
     "prompt_ids",
@@ -245,95 +247,6 @@ def eos_ids(*sources: Any) -> set[int]:
     return ids
 
 
-# ---------------------------------------------------------------------- what an answer cost
-class _FieldMapping(Mapping):
-    """Read-only mapping view of a dataclass's fields, so ``stats["prompt_tokens"]`` reads as ``stats.prompt_tokens``."""
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._names():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    @classmethod
-    def _names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
-
-
-@dataclass(eq=True)
-class Timings(_FieldMapping):
-    """Seconds spent on one answer. ``first_token_s`` and ``total_s`` count from the call (retrieval included)."""
-
-    retrieve_s: float = 0.0  # ranking chunks and walking trees (ContextIndex)
-    inject_s: float = 0.0  # building the injected states (selection, encoding on the fly)
-    prefill_s: float = 0.0
-    first_token_s: float = 0.0
-    decode_s: float = 0.0
-    total_s: float = 0.0
-    tokens_per_s: float = 0.0
-
-    def to_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(eq=True)
-class AnswerStats(_FieldMapping):
-    """What one answer read and produced; the same type for `SharedLLM` completions and `ContextIndex` answers
-    (fields an answer has no use for stay at their defaults)."""
-
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    injected_states: int = 0
-    #: provenance of the injected nodes (document order)
-    injected_nodes: list = field(default_factory=list)
-    batch_size: int = 1
-    #: a single context tree: its tokens and chunks
-    context_tokens: int = 0
-    chunks: int = 0
-    #: a ContextIndex answer: how it was read and what retrieval touched
-    mode: str | None = None
-    documents: int = 0
-    chunks_selected: int = 0
-    chunks_encoded: int = 0
-    chunks_cached: int = 0
-    text_passages_dropped: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["injected_nodes"] = [dataclasses.asdict(n) if dataclasses.is_dataclass(n) else dict(n) for n in self.injected_nodes]
-        return out
-
-
-@dataclass
-class Completion:
-    """A generated answer with what it cost."""
-
-    text: str
-    token_ids: list[int]
-    stats: AnswerStats = field(default_factory=AnswerStats)
-    timings: Timings = field(default_factory=Timings)
-
-    def report(self) -> dict[str, Any]:
-        """``stats`` as a plain dict with ``token_ids`` and ``timings``: what a ``stats=`` dict of a streaming call receives."""
-        return {**self.stats.to_dict(), "token_ids": list(self.token_ids), "timings": self.timings.to_dict()}
-
-
-def _timings(t0: float, t_inject: float, t_prefill: float, first_token_at: float | None, end: float, n_tokens: int) -> Timings:
-    return Timings(
-        inject_s=t_inject - t0,
-        prefill_s=t_prefill - t_inject,
-        first_token_s=(first_token_at or end) - t0,
-        decode_s=end - t_prefill,
-        total_s=end - t0,
-        tokens_per_s=n_tokens / max(end - t_prefill, 1e-9),
-    )
-
-
 def _injected_nodes(injection: Injection | None) -> list:
     return [] if injection is None or not injection.nodes else list(injection.nodes[0])
 
@@ -343,167 +256,193 @@ def _output_cache(out: Any) -> Any:
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-# ---------------------------------------------------------------------- one answer, streamed
+# ---------------------------------------------------------------------- the model and the request
+class DecodingModel(Protocol):
+    """What decoding needs of a model (`sharedctx.SharedLLM` is one): its tokenizer and device, a ``forward`` that
+    reads injected states and a key/value cache, the token ids of a prompt, the window check and the end ids."""
+
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, injection: Injection | None = None,
+                past_key_values: Any = None, use_cache: bool = False, logits_to_keep: int = 0,
+                position_ids: torch.Tensor | None = None) -> Any: ...
+
+    def prompt_ids(self, prompt: str | Sequence[int] | torch.Tensor, *, chat: bool = True, system: str | None = None) -> torch.Tensor: ...
+
+    def check_length(self, length: int) -> None: ...
+
+    def eos_ids(self) -> set[int]: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt ready to decode, built and checked once (`make_request`): its token ids, the injected states it
+    reads and its sampling options. `decode` answers it alone or in a batch with others, by the same loop."""
+
+    ids: torch.Tensor  # (T,) prompt token ids, on the model's device
+    injection: Injection | None = None  # one row, or None: reads nothing
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    prepare_s: float = 0.0  # seconds spent making it (tokenising, selecting and injecting): the answer's inject_s
+    context_tokens: int = 0  # a single context tree read: its tokens and chunks (reported in the stats)
+    chunks: int = 0
+
+
+def make_request(
+    model: DecodingModel,
+    prompt: str | Sequence[int] | torch.Tensor,
+    *,
+    injection: Injection | None = None,
+    options: SamplingOptions | None = None,
+    chat: bool = True,
+    system: str | None = None,
+) -> GenerationRequest:
+    """Tokenise ``prompt`` (text in the chat template, or ids as given) and check that it and the tokens to generate
+    fit the model's window (`PromptTooLongError`); the only place a prompt is tokenised and checked."""
+    t0 = time.perf_counter()
+    options = options or SamplingOptions()
+    ids = model.prompt_ids(prompt, chat=chat, system=system)[0]
+    model.check_length(ids.numel() + options.max_new_tokens)
+    return GenerationRequest(ids, injection, options, time.perf_counter() - t0)
+
+
+def sampling_options(options: Mapping[str, Any], *, what: str = "generation options") -> SamplingOptions:
+    """`SamplingOptions` from a mapping of its fields; an unknown key raises TypeError (a typo is never dropped)."""
+    unknown = sorted(set(options) - SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown {what} {unknown}; known: {sorted(SAMPLING_FIELDS)}")
+    return SamplingOptions(**options)
+
+
+# ---------------------------------------------------------------------- THE decoding loop
+def decode(model: DecodingModel, requests: Sequence[GenerationRequest]) -> Generator[tuple[int, str], None, list[Completion]]:
+    """Answer ``requests`` in one prefill and one decoding loop: yields ``(row, text)`` as each row releases text
+    and returns one `Completion` per request. Serves `stream` (one row), `complete` and every batch.
+
+    Prompts of different lengths are left-padded and given explicit positions, so each row's answer is the one it
+    gets alone, up to the floating-point order of batched sums. Decoding runs until every row has ended (end of
+    sequence, a stop string, a repeat or its own ``max_new_tokens``); ended rows are carried along unread.
+    """
+    n = len(requests)
+    if n == 0:
+        return []
+    t0 = time.perf_counter()
+    device, tok, eos = model.device, model.tokenizer, model.eos_ids()
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    pad = int(pad if pad is not None else (min(eos) if eos else 0))
+    rows = [r.ids.to(device).reshape(-1) for r in requests]
+    width = max(r.numel() for r in rows)
+    input_ids = torch.full((n, width), pad, dtype=torch.long, device=device)
+    mask = positions = None
+    if any(r.numel() != width for r in rows):  # padded rows: mask the padding and count positions from each row's start
+        mask = torch.zeros(n, width, dtype=torch.long, device=device)
+        for b, r in enumerate(rows):
+            mask[b, width - r.numel() :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    for b, r in enumerate(rows):
+        input_ids[b, width - r.numel() :] = r
+    injection = requests[0].injection if n == 1 else Injection.stack([r.injection for r in requests])
+    decoders = [RowDecoder(r.options, eos, tok, None if r.options.seed is None else torch.Generator().manual_seed(r.options.seed)) for r in requests]
+    parts: list[list[str]] = [[] for _ in range(n)]
+    end_at: list[float | None] = [None] * n
+    with torch.no_grad():
+        out = model.forward(input_ids, attention_mask=mask, position_ids=positions, injection=injection, use_cache=True, logits_to_keep=1)
+    t_prefill = time.perf_counter()
+    while not all(d.done for d in decoders):
+        logits = out.logits[:, -1]
+        step = torch.full((n, 1), pad, dtype=torch.long, device=device)
+        for b, d in enumerate(decoders):
+            if d.done:
+                continue
+            delta = d.push(logits[b : b + 1])
+            if d.done:
+                delta += d.finish()
+                end_at[b] = time.perf_counter()
+            else:
+                step[b, 0] = d.generated[-1]
+            if delta:
+                parts[b].append(delta)
+                yield b, delta
+        if all(d.done for d in decoders):
+            break
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            positions = positions[:, -1:] + 1  # type: ignore[index]
+        with torch.no_grad():  # rows that have ended are carried along; what they read is never used
+            out = model.forward(step, attention_mask=mask, position_ids=positions, injection=injection,
+                                past_key_values=_output_cache(out), use_cache=True, logits_to_keep=1)
+    end = time.perf_counter()
+    done = []
+    for b, (r, d) in enumerate(zip(requests, decoders)):
+        stop = end_at[b] or end
+        stats = AnswerStats(
+            prompt_tokens=int(rows[b].numel()), generated_tokens=len(d.generated),
+            injected_states=0 if r.injection is None else r.injection.n_states, injected_nodes=_injected_nodes(r.injection),
+            batch_size=n, context_tokens=r.context_tokens, chunks=r.chunks,
+        )
+        timings = Timings(
+            inject_s=r.prepare_s, prefill_s=t_prefill - t0, first_token_s=r.prepare_s + ((d.first_token_at or stop) - t0),
+            decode_s=stop - t_prefill, total_s=r.prepare_s + (stop - t0), tokens_per_s=len(d.generated) / max(stop - t_prefill, 1e-9),
+        )
+        done.append(Completion(text="".join(parts[b]), token_ids=d.generated, stats=stats, timings=timings))
+    return done
+
+
 class CompletionStream:
     """The text of one answer as it is decoded (iterate it); once exhausted, `completion` holds the whole
     `Completion` with its statistics and timings."""
 
-    def __init__(self, deltas: Iterator[str]) -> None:
-        self._deltas = deltas
+    def __init__(self, model: DecodingModel, request: GenerationRequest) -> None:
+        self.request = request
         self.completion: Completion | None = None
+        self._steps = decode(model, [request])
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        return next(self._deltas)
+        try:
+            return next(self._steps)[1]
+        except StopIteration as end:
+            if end.value is not None:
+                self.completion = end.value[0]
+            raise StopIteration from None
 
 
-def stream_completion(
-    llm: SharedLLM,
-    prompt: str | Sequence[int] | torch.Tensor,
-    *,
-    context: Any = None,
-    injection: Injection | None = None,
-    options: SamplingOptions,
-    chat: bool = True,
-    system: str | None = None,
-) -> CompletionStream:
-    """Decode the answer to ``prompt`` reading ``context`` (selected and injected here) or a ready ``injection``."""
-    if injection is not None and context is not None:
-        raise ValueError("give either context= or injection=, not both")
-    result = CompletionStream(iter(()))
-
-    def run() -> Iterator[str]:
-        nonlocal injection
-        t0 = time.perf_counter()
-        ids = llm.prompt_ids(prompt, chat=chat, system=system)
-        llm.check_length(ids.shape[1] + options.max_new_tokens)
-        tree = None
-        if context is not None:
-            tree = llm.context_tree(context)
-            with torch.no_grad():
-                injection = llm.prepare_injection(tree, ids, query_text=prompt if isinstance(prompt, str) else None)
-        t_inject = time.perf_counter()
-        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
-        row = RowDecoder(options, llm.eos_ids(), llm.tokenizer, generator)
-        parts: list[str] = []
-        with torch.no_grad():
-            out = llm.forward(ids, injection=injection, use_cache=True, logits_to_keep=1)
-            t_prefill = time.perf_counter()
-            while not row.done:
-                delta = row.push(out.logits[:, -1])
-                if delta:
-                    parts.append(delta)
-                    yield delta
-                if row.done:
-                    break
-                token = torch.tensor([[row.generated[-1]]], device=llm.device)
-                out = llm.forward(token, injection=injection, past_key_values=_output_cache(out), use_cache=True, logits_to_keep=1)
-            tail = row.finish()
-            if tail:
-                parts.append(tail)
-                yield tail
-        end = time.perf_counter()
-        stats = AnswerStats(
-            prompt_tokens=int(ids.shape[1]),
-            generated_tokens=len(row.generated),
-            injected_states=0 if injection is None else injection.n_states,
-            injected_nodes=_injected_nodes(injection),
-            context_tokens=0 if tree is None else tree.n_tokens,
-            chunks=0 if tree is None else tree.n_chunks,
-        )
-        result.completion = Completion(
-            text="".join(parts), token_ids=row.generated, stats=stats,
-            timings=_timings(t0, t_inject, t_prefill, row.first_token_at, end, len(row.generated)),
-        )
-
-    result._deltas = run()
-    return result
+def stream(model: DecodingModel, request: GenerationRequest) -> CompletionStream:
+    """Decode one request, yielding its text as it is released (`decode` with one row)."""
+    return CompletionStream(model, request)
 
 
-# ---------------------------------------------------------------------- several answers, batched
+def complete(model: DecodingModel, requests: Sequence[GenerationRequest]) -> list[Completion]:
+    """Decode ``requests`` together and return their completions (`decode`, run to the end)."""
+    steps = decode(model, requests)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
 def complete_batch(
-    llm: SharedLLM,
+    model: DecodingModel,
     prompts: Sequence[str | Sequence[int] | torch.Tensor],
     *,
     injections: Sequence[Injection | None] | None = None,
-    options: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+    options: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     chat: bool = True,
     system: str | None = None,
 ) -> list[Completion]:
-    """Answer several prompts in one batched prefill and one batched decoding loop (see `SharedLLM.complete_batch`)."""
+    """Answer several prompts in one batch (see `SharedLLM.complete_batch`): a request per prompt, then `complete`."""
     n = len(prompts)
-    if n == 0:
-        return []
     injections = [None] * n if injections is None else list(injections)
     if len(injections) != n:
         raise ValueError(f"got {len(injections)} injections for {n} prompts")
-    if options is None or isinstance(options, dict):
+    if options is None or isinstance(options, Mapping):
         options = [dict(options or {})] * n
     if len(options) != n:
         raise ValueError(f"got {len(options)} option dicts for {n} prompts")
-    opts = []
-    for o in options:
-        unknown = sorted(set(o) - SAMPLING_FIELDS)
-        if unknown:
-            raise TypeError(f"unknown generation options {unknown}; known: {sorted(SAMPLING_FIELDS)}")
-        opts.append(SamplingOptions(**{"max_new_tokens": 256, **o}))
-    t0 = time.perf_counter()
-    rows = [llm.prompt_ids(p, chat=chat, system=system)[0] for p in prompts]
-    for ids, o in zip(rows, opts):
-        llm.check_length(ids.numel() + o.max_new_tokens)
-    tok = llm.tokenizer
-    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-    eos = llm.eos_ids()
-    pad = int(pad if pad is not None else (min(eos) if eos else 0))
-    width = max(r.numel() for r in rows)
-    input_ids = torch.full((n, width), pad, dtype=torch.long, device=llm.device)
-    mask = torch.zeros(n, width, dtype=torch.long, device=llm.device)
-    for b, r in enumerate(rows):
-        input_ids[b, width - r.numel() :] = r
-        mask[b, width - r.numel() :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    injection = Injection.stack(injections)
-    decoders = [RowDecoder(o, eos, tok, torch.Generator().manual_seed(o.seed) if o.seed is not None else None) for o in opts]
-    texts = [""] * n
-    end_at: list[float | None] = [None] * n
-    t_inject = time.perf_counter()
-    with torch.no_grad():
-        out = llm.forward(input_ids, attention_mask=mask, position_ids=positions, injection=injection, use_cache=True, logits_to_keep=1)
-        t_prefill = time.perf_counter()
-        while not all(d.done for d in decoders):
-            logits = out.logits[:, -1]
-            step_tokens = torch.full((n, 1), pad, dtype=torch.long, device=llm.device)
-            for b, d in enumerate(decoders):
-                if d.done:
-                    continue
-                texts[b] += d.push(logits[b : b + 1])
-                if not d.done:
-                    step_tokens[b, 0] = d.generated[-1]
-            now = time.perf_counter()
-            for b, d in enumerate(decoders):
-                if d.done and end_at[b] is None:
-                    end_at[b] = now
-            if all(d.done for d in decoders):
-                break
-            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = llm.forward(
-                step_tokens, attention_mask=mask, position_ids=positions, injection=injection,
-                past_key_values=_output_cache(out), use_cache=True, logits_to_keep=1,
-            )  # rows that have ended are carried along; what they read is never used
-    end = time.perf_counter()
-    results = []
-    for b, d in enumerate(decoders):
-        texts[b] += d.finish()
-        stats = AnswerStats(
-            prompt_tokens=int(rows[b].numel()),
-            generated_tokens=len(d.generated),
-            injected_states=0 if injections[b] is None else injections[b].n_states,
-            injected_nodes=_injected_nodes(injections[b]),
-            batch_size=n,
-        )
-        timings = _timings(t0, t_inject, t_prefill, d.first_token_at, end_at[b] or end, len(d.generated))
-        results.append(Completion(text=texts[b], token_ids=d.generated, stats=stats, timings=timings))
-    return results
+    opts = [sampling_options(o) for o in options]
+    return complete(model, [make_request(model, p, injection=i, options=o, chat=chat, system=system) for p, i, o in zip(prompts, injections, opts)])

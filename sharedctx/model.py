@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -28,13 +30,14 @@ from .base_model import (
     check_supported,
     load_base_model,
 )
-from .config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_STOP_ON_REPEAT, SharedCtxConfig
+from .config import SharedCtxConfig
 from .encoder import LowerEncoder, cache_kwarg
 from .errors import PromptTooLongError
-from .generation import Completion, CompletionStream, SamplingOptions
+from .generation import CompletionStream, GenerationRequest, SamplingOptions
 from .injection import Injection, attach, attach_upper_lora, injecting
 from .ops.scoring import BM25
-from .policy import Selection, make_chooser, make_scorer, walk_trees
+from .policy import Selection, make_chooser, make_scorer, query_lengths, row_chunks, walk_trees
+from .stats import Completion
 from .tree import ContextTree
 
 __all__ = ["SharedLLM", "Completion", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "default_adapter_path"]  # Completion: see generation
@@ -120,33 +123,19 @@ class SharedLLM(nn.Module):
         return llm
 
     @classmethod
-    def shared(
-        cls,
-        base: str | os.PathLike | None = None,
-        *,
-        adapter: str | os.PathLike | bool | None = None,
-        config: SharedCtxConfig | None = None,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | str | None = None,
-    ) -> SharedLLM:
-        """`from_pretrained` once per process for these options: later calls return the same model while any
-        caller still holds it (a weak cache, so the weights go when the last user drops them). Thread-safe.
+    def shared(cls, base: str | os.PathLike | None = None, **options: Any) -> SharedLLM:
+        """`from_pretrained` (same arguments) once per process for these options: later calls return the same model
+        while any caller still holds it (a weak cache, so the weights go when the last user drops them). Thread-safe.
 
         This is how the LangChain and LlamaIndex integrations load models: several chat models, LLMs and
         indexes built with the same options share one copy of the weights.
         """
-        key = (
-            str(base) if base is not None else None,
-            adapter if isinstance(adapter, bool) or adapter is None else str(adapter),
-            json.dumps(config.to_dict(), sort_keys=True) if config is not None else None,
-            str(device) if device is not None else None,
-            str(dtype) if dtype is not None else None,
-        )
+        key = (None if base is None else str(base), *sorted((k, _option_key(v)) for k, v in options.items()))
         with _SHARED_LOCK:
             llm = _SHARED.get(key)
             if llm is None:
-                logger.info("loading SharedLLM base=%s adapter=%s", base or "<default>", adapter if adapter is not None else "<default>")
-                llm = cls.from_pretrained(base, adapter=adapter, config=config, device=device, dtype=dtype)
+                logger.info("loading SharedLLM base=%s options=%s", base or "<default>", dict(key[1:]))
+                llm = cls.from_pretrained(base, **options)
                 _SHARED[key] = llm
             return llm
 
@@ -300,9 +289,9 @@ class SharedLLM(nn.Module):
             contexts = [context] * batch
         trees = [self.context_tree(c) for c in contexts]
         shared = all(t is trees[0] for t in trees)
-        qlens = _query_lengths(batch, length, query_length, labels)
+        qlens = query_lengths(batch, length, query_length, labels)
         qkeys = self.query_keys(input_ids, qlens) if cfg.policy == "query" else None
-        row_chunks = _row_chunks(chunks, batch)
+        walked = row_chunks(chunks, batch)
         texts: list[str | None] = [None] * batch
         if cfg.policy == "lexical":
             if query_text is None:
@@ -322,13 +311,13 @@ class SharedLLM(nn.Module):
         # one set of BM25 statistics per distinct tree, however many rows read it
         lexicons = {id(t): self.tree_lexicon(t) for t in trees} if cfg.policy == "lexical" else {}
         rows: list[Selection] = []
-        if shared and qkeys is None and row_chunks[0] == row_chunks[-1] and cfg.policy != "lexical":
-            rows = [self.select(trees[0], None, chunks=row_chunks[0], generator=generator)] * batch
+        if shared and qkeys is None and walked[0] == walked[-1] and cfg.policy != "lexical":
+            rows = [self.select(trees[0], None, chunks=walked[0], generator=generator)] * batch
         else:
             for b in range(batch):
                 rows.append(
                     self.select(
-                        trees[b], None if qkeys is None else qkeys[b], chunks=row_chunks[b], generator=generator,
+                        trees[b], None if qkeys is None else qkeys[b], chunks=walked[b], generator=generator,
                         query_text=texts[b], lexicon=lexicons.get(id(trees[b])),
                     )
                 )
@@ -405,33 +394,50 @@ class SharedLLM(nn.Module):
         """Token ids that end an answer (from the generation config, the model config and the tokenizer)."""
         return generation.eos_ids(getattr(self.base, "generation_config", None), self.base.config, self.tokenizer)
 
+    def request(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        *,
+        context: ContextLike | None = None,
+        injection: Injection | None = None,
+        options: SamplingOptions | None = None,
+        chat: bool = True,
+        system: str | None = None,
+    ) -> GenerationRequest:
+        """``prompt`` made ready to decode, tokenised and checked once (`sharedctx.generation.make_request`), reading
+        ``context`` (nodes selected for the prompt and injected here) or a ready ``injection``, not both."""
+        if injection is not None and context is not None:
+            raise ValueError("give either context= or injection=, not both")
+        ready = generation.make_request(self, prompt, injection=injection, options=options, chat=chat, system=system)
+        if context is None:
+            return ready
+        t0 = time.perf_counter()
+        tree = self.context_tree(context)
+        with torch.no_grad():
+            injection = self.prepare_injection(tree, ready.ids[None], query_text=prompt if isinstance(prompt, str) else None)
+        return dataclasses.replace(ready, injection=injection, prepare_s=ready.prepare_s + time.perf_counter() - t0,
+                                   context_tokens=tree.n_tokens, chunks=tree.n_chunks)
+
     def stream(
         self,
         prompt: str | Sequence[int] | torch.Tensor,
         *,
         context: ContextLike | None = None,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        stop: Sequence[str] | str = (),
-        seed: int | None = None,
-        no_repeat_ngram_size: int = 0,
-        stop_on_repeat: int = DEFAULT_STOP_ON_REPEAT,
+        injection: Injection | None = None,
         chat: bool = True,
         system: str | None = None,
         stats: dict[str, Any] | None = None,
-        injection: Injection | None = None,
+        **options: Any,
     ) -> Iterator[str]:
         """Yield the answer's text as it is decoded. Injected states are built once from the prompt, or given
-        ready as ``injection`` (e.g. by `ContextIndex`; then ``context`` must be None). ``stats``, when given, receives
-        `Completion.report()` at the end (statistics, ``token_ids``, ``timings``). ``no_repeat_ngram_size`` and
-        ``stop_on_repeat`` guard against loops (see `SamplingOptions`)."""
-        options = SamplingOptions(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-            no_repeat_ngram_size=no_repeat_ngram_size, stop_on_repeat=stop_on_repeat,
-        )
-        run = self.stream_completion(prompt, context=context, injection=injection, options=options, chat=chat, system=system)
+        ready as ``injection`` (e.g. by `ContextIndex`; then ``context`` must be None). ``options`` are the fields of
+        `SamplingOptions` (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``stop``, ``seed``,
+        ``no_repeat_ngram_size``, ``stop_on_repeat``: the guards against loops), with its defaults
+        (`sharedctx.config.DEFAULT_MAX_NEW_TOKENS`, `DEFAULT_STOP_ON_REPEAT`); an unknown one
+        raises TypeError. ``stats``, when given, receives `Completion.report()` at the end (statistics,
+        ``token_ids``, ``timings``)."""
+        run = self.stream_completion(prompt, context=context, injection=injection, options=generation.sampling_options(options),
+                                     chat=chat, system=system)
         yield from run
         if stats is not None and run.completion is not None:
             stats.update(run.completion.report())
@@ -447,9 +453,7 @@ class SharedLLM(nn.Module):
         system: str | None = None,
     ) -> CompletionStream:
         """Like `stream`, but the returned iterator holds the typed `Completion` once exhausted (``.completion``)."""
-        return generation.stream_completion(
-            self, prompt, context=context, injection=injection, options=options or SamplingOptions(), chat=chat, system=system
-        )
+        return generation.stream(self, self.request(prompt, context=context, injection=injection, options=options, chat=chat, system=system))
 
     def complete(self, prompt: str | Sequence[int] | torch.Tensor, **kwargs: Any) -> Completion:
         """Generate and return the text with token ids, statistics and timings (see `stream` for options)."""
@@ -475,10 +479,8 @@ class SharedLLM(nn.Module):
 
         Row ``i`` reads its own injected states ``injections[i]`` (a one-row `Injection`, e.g. from
         `prepare_injection` or `ContextIndex`; None reads nothing) and has its own sampling ``options[i]``
-        (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``stop``, ``seed``; one dict applies to all).
-        Prompts are left-padded and given explicit positions, so each row's answer is the one `complete` gives
-        for it alone, up to the floating-point order of batched sums. Decoding runs until every row has ended
-        (end of sequence, a stop string or its own ``max_new_tokens``); ended rows are carried along unread.
+        (fields of `SamplingOptions`; one dict applies to all). Each row's answer is the one `complete` gives for
+        it alone, up to the floating-point order of batched sums (`sharedctx.generation.decode`, the one loop).
         """
         return generation.complete_batch(self, prompts, injections=injections, options=options, chat=chat, system=system)
 
@@ -493,28 +495,8 @@ _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
 
 
-def _query_lengths(batch: int, length: int, query_length, labels) -> list[int]:
-    if query_length is not None:
-        qls = [int(query_length)] * batch if isinstance(query_length, int) else [int(q) for q in query_length]
-    elif labels is not None:
-        labels = torch.as_tensor(labels)
-        qls = []
-        for row in labels.reshape(batch, -1):
-            scored = (row[1:] != -100).nonzero()
-            # logits at t predict token t+1: tokens from the first scored one on never reach the query
-            qls.append(int(scored[0]) + 1 if scored.numel() else length)
-    else:
-        qls = [length] * batch
-    if len(qls) != batch or any(not 1 <= q <= length for q in qls):
-        raise ValueError(f"query lengths must be in [1, {length}] for each of {batch} rows, got {qls}")
-    return qls
-
-
-def _row_chunks(chunks, batch: int) -> list[Sequence[int] | None]:
-    if chunks is None:
-        return [None] * batch
-    if chunks and isinstance(chunks[0], (list, tuple)):
-        if len(chunks) != batch:
-            raise ValueError(f"got chunk lists for {len(chunks)} rows, batch is {batch}")
-        return list(chunks)
-    return [chunks] * batch
+def _option_key(value: Any) -> Any:
+    """A hashable stand-in for a `from_pretrained` option in the key of `SharedLLM.shared`."""
+    if isinstance(value, SharedCtxConfig):
+        return json.dumps(value.to_dict(), sort_keys=True)
+    return value if value is None or isinstance(value, bool) else str(value)

@@ -34,6 +34,8 @@ __all__ = [
     "walk_trees",
     "rank_chunks",
     "chunk_state_budget",
+    "query_lengths",
+    "row_chunks",
     "LEFT",
     "RIGHT",
     "BOTH",
@@ -275,3 +277,33 @@ def rank_chunks(
     if not chosen and order and max_states is not None and not math.isinf(max_states):
         raise ValueError(f"max_injected_states={max_states} is smaller than one chunk's states ({states_per_chunk[order[0]]})")
     return chosen
+
+
+def query_lengths(batch: int, length: int, query_length: int | Sequence[int] | None, labels: torch.Tensor | None) -> list[int]:
+    """How many leading tokens of each of ``batch`` rows of ``length`` make its query: ``query_length`` as given, or
+    with ``labels`` the tokens before the first scored one (no target ever reaches the query), else the whole row."""
+    if query_length is not None:
+        qls = [int(query_length)] * batch if isinstance(query_length, int) else [int(q) for q in query_length]
+    elif labels is not None:
+        labels = torch.as_tensor(labels)
+        qls = []
+        for row in labels.reshape(batch, -1):
+            scored = (row[1:] != -100).nonzero()
+            # logits at t predict token t+1: tokens from the first scored one on never reach the query
+            qls.append(int(scored[0]) + 1 if scored.numel() else length)
+    else:
+        qls = [length] * batch
+    if len(qls) != batch or any(not 1 <= q <= length for q in qls):
+        raise ValueError(f"query lengths must be in [1, {length}] for each of {batch} rows, got {qls}")
+    return qls
+
+
+def row_chunks(chunks: Sequence[int] | Sequence[Sequence[int]] | None, batch: int) -> list[Sequence[int] | None]:
+    """The chunks each row walks: one list for all rows, a list per row, or None (every chunk)."""
+    if chunks is None:
+        return [None] * batch
+    if chunks and isinstance(chunks[0], (list, tuple)):
+        if len(chunks) != batch:
+            raise ValueError(f"got chunk lists for {len(chunks)} rows, batch is {batch}")
+        return list(chunks)
+    return [chunks] * batch

@@ -25,14 +25,14 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
 from ..concurrency import MicroBatcher
-from ..config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, MODES, POLICIES
+from ..config import DEFAULT_MODE, POLICIES
 from ..errors import (
     InputError,
     ReadOnlyIndexError,
@@ -40,9 +40,10 @@ from ..errors import (
     StoreMismatchError,
     UnreadableFileError,
 )
-from ..generation import SAMPLING_FIELDS, AnswerStats, SamplingOptions, Timings
+from ..generation import GenerationRequest, complete, make_request
 from ..injection import Injection
 from ..model import SharedLLM
+from ..stats import Completion
 from .directory import check_store_directory, make_store_directory, prune_store
 from .documents import (
     DocumentNotFoundError,
@@ -55,8 +56,9 @@ from .documents import (
 from .ingest import ChunkCounts, chunk_nodes, ingest_text
 from .embedding import ChunkEmbeddings, Embedder
 from .lexicon import ChunkLexicon, LexiconFiles, Segment
+from .answering import PreparedQuery, QueryOptions, by_score
 from .results import AddResult, Answer, BuildReport, Citation, DocumentInfo
-from .retrieval import Forest, retrieve, text_prompt
+from .retrieval import Forest, Retrieved, passage_prompt, retrieve
 from .store import DEFAULT_SIZE_LIMIT, MergeReport, TreeStore, merge_stores
 
 __all__ = ["ContextIndex", "merge_into"]
@@ -64,20 +66,6 @@ __all__ = ["ContextIndex", "merge_into"]
 logger = logging.getLogger(__name__)
 
 _FORMAT = "sharedctx-index-1"
-
-
-@dataclass
-class _Prepared:
-    """Retrieval done for one question: what the model reads and what to report."""
-
-    mode: str
-    prompt: Any
-    injection: Injection | None
-    citations: list[Citation]
-    counts: ChunkCounts
-    dropped: int
-    t0: float
-    t_retrieved: float
 
 
 # ---------------------------------------------------------------------- the index
@@ -209,7 +197,7 @@ class ContextIndex:
         self.counters = {"chunks_encoded": 0, "chunks_cached": 0}
         self.max_batch_queries = max_batch_queries
         self._batcher = (
-            MicroBatcher(self._answer_batch, max_batch=max_batch_queries, max_wait_s=batch_wait_s, name="sharedctx-index-queries")
+            MicroBatcher(self._decode, max_batch=max_batch_queries, max_wait_s=batch_wait_s, name="sharedctx-index-queries")
             if max_batch_queries > 1
             else None
         )
@@ -455,16 +443,21 @@ class ContextIndex:
                 self._forest = Forest.of(list(self._docs.values()), self.llm.base.config.hidden_size, lexicon)
             return self._forest
 
-    def _question_ids(self, question: str) -> torch.Tensor:
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("the question is empty")
-        return self.llm.prompt_ids(question)[0].cpu()
-
     def retrieve(self, question: str, *, top_k_chunks: int | None = None, max_injected_states: int | None = None) -> list[Citation]:
         """The nodes a query selects, as citations with text, best score first (usable with any text LLM)."""
-        found = retrieve(self, self._question_ids(question), question, top_k_chunks, max_injected_states or self.max_injected_states)
+        citations, found = self._retrieve(question, top_k_chunks, max_injected_states)
         self._count(found.counts)
-        return _by_score(found.citations(self.llm.config.node_keep, self.llm.config.sampling))
+        return by_score(citations)
+
+    def _retrieve(self, question: str, top_k_chunks: int | None, max_states: int | None,
+                  question_ids: torch.Tensor | None = None) -> tuple[list[Citation], Retrieved]:
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        if question_ids is None and self.policy != "lexical":  # the key-based policies read the question's query key
+            question_ids = self.llm.prompt_ids(question)[0]
+        found = retrieve(self, None if question_ids is None else question_ids.cpu(), question, top_k_chunks,
+                         max_states or self.max_injected_states)
+        return found.citations(self.llm.config.node_keep, self.llm.config.sampling), found
 
     def _count(self, counts: ChunkCounts) -> None:
         with self._lock:
@@ -472,89 +465,53 @@ class ContextIndex:
             self.counters["chunks_cached"] += counts.chunks_cached
 
     # ------------------------------------------------------------------ answering
-    def _prepare(
-        self, question: str, mode: str, top_k_chunks: int | None, max_injected_states: int | None, max_new_tokens: int, prompt: Any
-    ) -> _Prepared:
-        """Retrieval for one question: selected nodes, citations, injected states and the prompt to read."""
-        if prompt is not None and mode != "latent":
-            raise ValueError(f"prompt= replaces what the model reads only in latent mode; {mode} mode builds its own prompt")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    def _prepare(self, question: str, mode: str, options: Mapping[str, Any]) -> PreparedQuery:
+        """One question made ready, its options checked first: retrieval, injected states, and the prompt the model
+        reads, tokenised and checked against the window once (see `sharedctx.index.answering`)."""
+        opts = QueryOptions.parse(mode, options)
         t0 = time.perf_counter()
-        qids = self._question_ids(question)
-        found = retrieve(self, qids, question, top_k_chunks, max_injected_states or self.max_injected_states)
-        citations = found.citations(self.llm.config.node_keep, self.llm.config.sampling)
-        injection = None
-        if mode in ("latent", "hybrid") and len(found.selection):
-            injection = self.llm.assemble_injection([found.selection])
-        self._count(found.counts)
-        prompt = qids if prompt is None else prompt
+        question_ids = None
+        if mode == "latent" and opts.prompt is None:  # the question is the prompt: tokenised once, for both
+            question_ids = self.llm.prompt_ids(question, chat=opts.chat, system=opts.system)[0]
+        citations, found = self._retrieve(question, opts.top_k_chunks, opts.max_injected_states, question_ids)
+        t_retrieved = time.perf_counter()
+        injection = self.llm.assemble_injection([found.selection]) if mode != "text" and len(found.selection) else None
+        self._count(found.counts)  # chunks read or encoded, the injected ones included
         dropped = 0
-        if mode in ("text", "hybrid"):
-            prompt, dropped = text_prompt(self.llm, question, citations, max_new_tokens)
+        if mode == "latent":
+            prompt = question_ids if opts.prompt is None else opts.prompt
+        else:
+            passages = passage_prompt(self.llm, question, citations, opts.sampling.max_new_tokens, chat=opts.chat, system=opts.system)
+            prompt, dropped = passages.ids, passages.dropped
             if dropped:
                 logger.info("text mode: %d of %d passages do not fit the model's window and were left out", dropped, len(citations))
-        return _Prepared(mode, prompt, injection, citations, found.counts, dropped, t0, time.perf_counter())
+        request = make_request(self.llm, prompt, injection=injection, options=opts.sampling, chat=opts.chat, system=opts.system)
+        request = replace(request, prepare_s=time.perf_counter() - t_retrieved)
+        return PreparedQuery(opts, citations, found.counts, dropped, request, t0, t_retrieved)
 
-    @staticmethod
-    def _answer(prep: _Prepared, text: str, inner: AnswerStats, token_ids: list[int], timings: Timings, end: float, first_token_s: float) -> Answer:
-        """The answer to a prepared question: the model's statistics with what retrieval did, timed from the question."""
-        stats = AnswerStats(
-            prompt_tokens=inner.prompt_tokens,
-            generated_tokens=inner.generated_tokens,
-            injected_states=0 if prep.injection is None else prep.injection.n_states,
-            injected_nodes=inner.injected_nodes,
-            batch_size=inner.batch_size,
-            mode=prep.mode,
-            documents=len({c.doc_id for c in prep.citations}),
-            chunks_selected=len({(c.doc_id, c.chunk) for c in prep.citations}),
-            chunks_encoded=prep.counts.chunks_encoded,
-            chunks_cached=prep.counts.chunks_cached,
-            text_passages_dropped=prep.dropped,
-        )
-        timings = Timings(**{**timings.to_dict(), "retrieve_s": prep.t_retrieved - prep.t0, "first_token_s": first_token_s, "total_s": end - prep.t0})
-        return Answer(text=text, citations=_by_score(prep.citations), stats=stats, timings=timings, token_ids=list(token_ids))
-
-    def stream(
-        self,
-        question: str,
-        *,
-        mode: str = DEFAULT_MODE,
-        top_k_chunks: int | None = None,
-        max_injected_states: int | None = None,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        stats: dict[str, Any] | None = None,
-        prompt: str | Sequence[int] | None = None,
-        **generation: Any,
-    ) -> Iterator[str]:
+    def stream(self, question: str, *, mode: str = DEFAULT_MODE, stats: dict[str, Any] | None = None, **options: Any) -> Iterator[str]:
         """Yield the answer as it is decoded; ``stats`` receives citations, statistics and timings at the end.
 
         ``mode``: ``hybrid`` (the default, `sharedctx.config.DEFAULT_MODE`) injects the selected states and puts the
         selected spans into the prompt as text; ``text`` only the spans; ``latent`` only the states (it answers from the
-        context only with an adapter that reads: the shipped one does not yet, docs/adapters.md). ``top_k_chunks`` overrides the index's ``top_k`` (chunks injected) for this call.
-        Other options (``temperature``, ``top_k`` and ``top_p`` of sampling, ``stop``, ``seed``, ...) go to
-        `SharedLLM.stream`. ``prompt`` (latent mode only): what the model reads instead of the bare question, e.g.
-        the token ids of a whole conversation in the chat template; nodes are still selected for ``question``.
-        A streamed answer runs its own forward; concurrent `query` calls share batched ones.
+        context only with an adapter that reads: the shipped one does not yet, docs/adapters.md). Options: ``top_k_chunks`` overrides the index's ``top_k`` (chunks injected) and
+        ``max_injected_states`` its budget for this call; the fields of `SamplingOptions` (``max_new_tokens``,
+        ``temperature``, ``top_k`` and ``top_p`` of sampling, ``stop``, ``seed``, ...); ``chat`` and ``system`` (how
+        the prompt is put into the chat template); ``prompt`` (latent mode only): what the model reads instead of the
+        bare question, e.g. the token ids of a whole conversation in the chat template; nodes are still selected for
+        ``question``. An unknown option raises TypeError. A streamed answer runs its own forward; concurrent `query`
+        calls share batched ones.
         """
-        answers: list[Answer] = []
-        yield from self._stream(question, mode, top_k_chunks, max_injected_states, max_new_tokens, prompt, generation, answers)
-        if stats is not None:
-            answer = answers[0]
-            stats.update({**answer.stats.to_dict(), "token_ids": answer.token_ids, "timings": answer.timings.to_dict(), "citations": answer.citations})
-
-    def _stream(self, question, mode, top_k_chunks, max_injected_states, max_new_tokens, prompt, generation, answers: list[Answer]) -> Iterator[str]:
-        """`stream`, appending the finished `Answer` to ``answers``."""
-        prep = self._prepare(question, mode, top_k_chunks, max_injected_states, max_new_tokens, prompt)
-        generation = dict(generation)
-        options = SamplingOptions(max_new_tokens=max_new_tokens, **{k: generation.pop(k) for k in list(generation) if k in SAMPLING_FIELDS})
-        run = self.llm.stream_completion(prep.prompt, injection=prep.injection, options=options, **generation)
+        prep = self._prepare(question, mode, options)
+        r, started = prep.request, time.perf_counter()
+        run = self.llm.stream_completion(r.ids.tolist(), injection=r.injection, options=r.options)  # ids: nothing tokenised again
         yield from run
         done = run.completion
         assert done is not None
-        # the model's clock starts after retrieval: time to first token counts from the question
-        first = (prep.t_retrieved - prep.t0) + done.timings.first_token_s
-        answers.append(self._answer(prep, done.text, done.stats, done.token_ids, done.timings, time.perf_counter(), first))
+        # the model's clock starts after the request was made: time to first token counts from the question
+        answer = prep.answer(done, time.perf_counter(), (started - prep.t0) + done.timings.first_token_s)
+        if stats is not None:
+            stats.update({**answer.stats.to_dict(), "token_ids": answer.token_ids, "timings": answer.timings.to_dict(), "citations": answer.citations})
 
     def query(self, question: str, *, mode: str = DEFAULT_MODE, **options: Any) -> Answer:
         """Answer ``question`` from the indexed documents (see `stream` for ``mode`` and options).
@@ -562,42 +519,19 @@ class ContextIndex:
         Safe to call from many threads: retrieval runs in the caller's thread, and calls that arrive together
         are answered in one batched forward (``max_batch_queries``), each with the answer it would get alone.
         """
-        if self._batcher is None:
-            answers: list[Answer] = []
-            top_k_chunks, max_states = options.pop("top_k_chunks", None), options.pop("max_injected_states", None)
-            max_new_tokens, prompt = options.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS), options.pop("prompt", None)
-            for _ in self._stream(question, mode, top_k_chunks, max_states, max_new_tokens, prompt, options, answers):
-                pass
-            return answers[0]
-        known = {"top_k_chunks", "max_injected_states", "prompt", "chat", "system"} | SAMPLING_FIELDS
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f"unknown query options {unknown}; known: {sorted(known)}")
-        max_new_tokens = options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        sampling = {k: options[k] for k in SAMPLING_FIELDS if k in options}
-        sampling["max_new_tokens"] = max_new_tokens
-        SamplingOptions(**sampling)  # invalid options fail here, in the caller, not in a shared batch
-        prep = self._prepare(question, mode, options.get("top_k_chunks"), options.get("max_injected_states"), max_new_tokens, options.get("prompt"))
-        ids = self.llm.prompt_ids(prep.prompt, chat=options.get("chat", True), system=options.get("system"))
-        self.llm.check_length(ids.shape[1] + max_new_tokens)
-        done = self._batcher.submit((ids, prep.injection, sampling))
+        prep = self._prepare(question, mode, options)
+        done = self._batcher.submit(prep.request) if self._batcher is not None else self._decode([prep.request])[0]
         end = time.perf_counter()
         # the batch's clock starts when it runs: count from the question, including the wait for the batch
-        first = (end - prep.t0) - (done.timings.total_s - done.timings.first_token_s)
-        return self._answer(prep, done.text, done.stats, done.token_ids, done.timings, end, first)
+        return prep.answer(done, end, (end - prep.t0) - (done.timings.total_s - done.timings.first_token_s))
 
-    def _answer_batch(self, items: list[tuple[torch.Tensor, Any, dict[str, Any]]]):
-        return self.llm.complete_batch([ids for ids, _, _ in items], injections=[inj for _, inj, _ in items], options=[o for _, _, o in items])
+    def _decode(self, requests: list[GenerationRequest]) -> list[Completion]:
+        return complete(self.llm, requests)
 
     @property
     def batch_stats(self) -> dict[str, int]:
         """Batched answering so far: ``batches``, ``items`` (queries) and the ``largest`` batch."""
         return dict(self._batcher.stats) if self._batcher is not None else {"batches": 0, "items": 0, "largest": 0}
-
-
-def _by_score(citations: list[Citation]) -> list[Citation]:
-    return sorted(citations, key=lambda x: (-x.score, x.doc_id, x.token_start))
-
 
 
 def merge_into(table: DocumentTable, store: TreeStore, shards: Iterable[str | os.PathLike]) -> MergeReport:

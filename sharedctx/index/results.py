@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..generation import AnswerStats, Timings
+from ..stats import AnswerStats, Timings
 
 __all__ = ["Citation", "Answer", "AddResult", "BuildReport", "DocumentInfo"]
 

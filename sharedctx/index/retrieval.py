@@ -38,7 +38,7 @@ from .results import Citation
 #: a `ContextIndex` (not imported here: facade.py imports this module)
 ContextIndex = Any
 
-__all__ = ["Forest", "Retrieved", "retrieve", "text_prompt", "TEXT_PROMPT"]
+__all__ = ["Forest", "Retrieved", "retrieve", "PassagePrompt", "passage_prompt", "render_passages", "text_prompt", "TEXT_PROMPT"]
 
 TEXT_PROMPT = "Answer the question using the context passages.\n\n{passages}\n\nQuestion: {question}"
 
@@ -171,22 +171,67 @@ def retrieve(index: ContextIndex, prompt_ids: torch.Tensor, question: str, top_k
     return Retrieved(selection, owners, scorer, counts)
 
 
-def text_prompt(llm: SharedLLM, question: str, citations: list[Citation], max_new_tokens: int) -> tuple[str, int]:
-    """The question with the cited spans as numbered passages: best first, as many as fit the model's window.
+@dataclass(frozen=True)
+class PassagePrompt:
+    """The question with the passages that fit the model's window: its text, its token ids (tokenised once, what the
+    model reads) and how many passages did not fit (reported in the answer's stats, never silently dropped)."""
 
-    Returns the prompt and how many passages did not fit (reported in the answer's stats, never silently dropped)."""
-    window = llm.max_positions or 1 << 30
+    text: str
+    ids: torch.Tensor  # (T,)
+    dropped: int
 
-    def render(cites: list[Citation]) -> str:
-        cites = sorted(cites, key=lambda x: (x.doc_id, x.token_start))
-        passages = "\n\n".join(f"[{i + 1}] ({c.doc_id}) {c.text.strip()}" for i, c in enumerate(cites))
-        return TEXT_PROMPT.format(passages=passages, question=question)
 
+def render_passages(question: str, citations: list[Citation]) -> str:
+    """The passage prompt: the cited spans as numbered passages in document order, then the question."""
+    cites = sorted(citations, key=lambda x: (x.doc_id, x.token_start))
+    passages = "\n\n".join(f"[{i + 1}] ({c.doc_id}) {c.text.strip()}" for i, c in enumerate(cites))
+    return TEXT_PROMPT.format(passages=passages, question=question)
+
+
+def passage_prompt(llm: SharedLLM, question: str, citations: list[Citation], max_new_tokens: int, *, chat: bool = True,
+                   system: str | None = None) -> PassagePrompt:
+    """The question with the cited spans as passages: all of them when they fit the window with ``max_new_tokens``
+    to generate (one tokenisation), else the best first, as many as fit.
+
+    To choose, the parts of the prompt are tokenised once each (every passage's text, the numbers, the blank line
+    between passages; the template and the question are what the full prompt holds besides), never the whole
+    prompt per passage; the chosen prompt is then tokenised to be sure, dropping the lowest-scored passage while it
+    does not fit (tokens of parts need not add up exactly at their joins)."""
+    budget = (llm.max_positions or 1 << 30) - max_new_tokens
+    ranked = sorted(citations, key=lambda x: -x.score)
+
+    def make(cites: list[Citation]) -> PassagePrompt:
+        text = render_passages(question, cites)
+        return PassagePrompt(text, llm.prompt_ids(text, chat=chat, system=system)[0], len(citations) - len(cites))
+
+    full = make(ranked)
+    if full.ids.numel() <= budget:
+        return full
+
+    def count(text: str) -> int:
+        return len(llm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    body = [count(f" ({c.doc_id}) {c.text.strip()}") for c in ranked]
+    number = [count(f"[{k + 1}]") for k in range(len(ranked))]  # the k-th passage in the prompt, whichever it is
+    gap = count("\n\n")
+    used = full.ids.numel() - sum(body) - sum(number) - gap * (len(ranked) - 1)  # the template and the question
     chosen: list[Citation] = []
-    for cite in sorted(citations, key=lambda x: -x.score):
-        if llm.prompt_ids(render(chosen + [cite])).shape[1] + max_new_tokens <= window:
+    for cite, cost in zip(ranked, body):
+        more = cost + number[len(chosen)] + (gap if chosen else 0)
+        if used + more <= budget:
             chosen.append(cite)
-    return render(chosen), len(citations) - len(chosen)
+            used += more
+    while True:
+        prompt = make(chosen)
+        if prompt.ids.numel() <= budget or not chosen:
+            return prompt
+        chosen.pop()
+
+
+def text_prompt(llm: SharedLLM, question: str, citations: list[Citation], max_new_tokens: int) -> tuple[str, int]:
+    """`passage_prompt`'s text and how many passages did not fit (for a prompt the caller puts in its own turns)."""
+    prompt = passage_prompt(llm, question, citations, max_new_tokens)
+    return prompt.text, prompt.dropped
 
 
 def char_span(doc: _Doc, t0: int, t1: int) -> tuple[int, int]:
