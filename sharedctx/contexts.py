@@ -1,7 +1,9 @@
-"""Contexts as applications hand them over: text, documents of LangChain or LlamaIndex, lists of them, encoded
-trees or an index; resolved to what `SharedLLM` reads, with the trees of recent texts kept so a bound document is
-encoded once. Shared by both integrations (which import this module at their own import time: it imports neither
-torch nor the rest of sharedctx until a context is actually encoded)."""
+"""What the LangChain and LlamaIndex integrations share: contexts as applications hand them over (text, documents
+of LangChain or LlamaIndex, lists of them, encoded trees or an index) resolved to what `SharedLLM` reads, with the
+trees of recent texts kept so a bound document is encoded once; the one model loader behind their chat model and
+LLM (`load_llm`, `holder_llm`); and the one answer loop both run (`stream_reply`: a conversation read with a
+context, an index in ``latent``, ``text`` or ``hybrid`` mode). Both integrations import this module at their own
+import time: it imports neither torch nor the rest of sharedctx until a model is loaded or a context encoded."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 import threading
 import weakref
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 if TYPE_CHECKING:
     from .tree import ContextTree
@@ -19,7 +21,19 @@ if TYPE_CHECKING:
 SharedLLM = Any
 ContextIndex = Any
 
-__all__ = ["TextTreeCache", "tree_for", "check_tree", "context_text", "message_text", "find_index"]
+__all__ = [
+    "TextTreeCache",
+    "tree_for",
+    "check_tree",
+    "context_text",
+    "message_text",
+    "find_index",
+    "load_llm",
+    "holder_llm",
+    "model_name",
+    "question_text",
+    "stream_reply",
+]
 
 
 def tree_for(llm: SharedLLM, context: Any) -> ContextTree:
@@ -180,3 +194,120 @@ class TextTreeCache:
                 "a sharedctx.ContextTree (from `llm.encode(text)`) or a sharedctx ContextIndex"
             )
         return self.tree(llm, text) if text else None
+
+
+# ---------------------------------------------------------------------- the model behind a chat model / LLM
+_LOAD_LOCK = threading.Lock()
+
+
+def load_llm(model: str | None = None, *, adapter: str | None = None, device: str | None = None, dtype: str | None = None) -> SharedLLM:
+    """`SharedLLM.shared`: one model per set of options, shared by everything alive in this process (``model``
+    None: the default model, SmolLM2-135M-Instruct, with its default adapter)."""
+    from .model import SharedLLM as _SharedLLM
+
+    return _SharedLLM.shared(model, adapter=adapter, device=device, dtype=dtype)
+
+
+def holder_llm(holder: Any) -> SharedLLM:
+    """``holder.llm``, loaded on first use with `load_llm` from ``holder.model_name`` / ``adapter`` / ``device`` /
+    ``dtype`` and kept there: the chat model and LLM of the integrations. Concurrent first calls load once."""
+    if holder.llm is None:
+        with _LOAD_LOCK:
+            if holder.llm is None:
+                holder.llm = load_llm(holder.model_name, adapter=holder.adapter, device=holder.device, dtype=holder.dtype)
+    return holder.llm
+
+
+def model_name(holder: Any) -> str:
+    """The base model a holder runs, as a name: ``holder.model_name``, else the loaded model's own name (or
+    ``sharedctx-custom`` for one built in memory), else the default model's id (nothing is loaded for it)."""
+    if holder.model_name:
+        return str(holder.model_name)
+    if holder.llm is not None:
+        config = getattr(getattr(holder.llm, "base", None), "config", None)
+        name = getattr(config, "_name_or_path", "") if config is not None else ""
+        return str(name) if name else "sharedctx-custom"
+    from .base_model import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME
+
+
+def question_text(value: Any, what: str = "the prompt") -> str:
+    """``value`` when it is a string; a `TypeError` naming the type received otherwise (None, a number, a message
+    object...), so a wrong argument is never answered as if it were a question."""
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"{what} must be a string, got {type(value).__name__}{'' if value is None else f' ({value!r:.40})'}")
+
+
+# ---------------------------------------------------------------------- one answer loop for both integrations
+def _last_user(turns: Sequence[Mapping[str, str]]) -> int:
+    for i in range(len(turns) - 1, -1, -1):
+        if turns[i]["role"] == "user":
+            return i
+    raise ValueError("answering from a ContextIndex needs a user message to select context for")
+
+
+def stream_reply(
+    llm: SharedLLM,
+    turns: Sequence[Mapping[str, str]],
+    *,
+    context: Any,
+    trees: TextTreeCache,
+    mode: str,
+    options: Mapping[str, Any],
+    stats: dict[str, Any],
+    question: str | None = None,
+) -> Iterator[str]:
+    """The reply to a conversation (``{"role", "content"}`` turns, read in the base model's chat template), with
+    ``context`` read as the integrations promise; ``stats`` receives the answer's statistics at the end.
+
+    - no context, text, documents or a tree: the conversation is the prompt and the context is injected (a text is
+      encoded once per ``trees``); ``mode`` does not apply (a whole text is never pasted into the prompt).
+    - an index (a `ContextIndex` or a wrapper holding one): nodes are selected for ``question`` (default: the last
+      user turn) and read as ``mode`` says: ``latent`` injects their states and the conversation is the prompt;
+      ``text`` puts their spans into the last user turn as numbered passages (the index's own passage prompt);
+      ``hybrid`` does both. A conversation of one user turn gets exactly `ContextIndex.stream`'s answer; earlier
+      turns (a system prompt, a history) are kept in front of it. ``stats["citations"]`` lists the nodes read.
+
+    ``options``: sampling options of `SharedLLM.stream` (``max_new_tokens``, ``temperature``, ...).
+    """
+    from .config import MODES
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    index = find_index(context)
+    if index is None:
+        tree = trees.context(llm, context)
+        yield from llm.stream(llm.chat_prompt_ids(turns), context=tree, stats=stats, **options)
+    else:
+        if index.llm is not llm:
+            raise ValueError("this index was built with another sharedctx.SharedLLM than this model's; build the chat model / LLM with llm=index.llm")
+        at = _last_user(turns)
+        question = turns[at]["content"] if question is None else question
+        if mode == "latent":
+            yield from index.stream(question, mode="latent", prompt=llm.chat_prompt_ids(turns), stats=stats, **options)
+        elif len(turns) == 1 and turns[0]["content"] == question:
+            yield from index.stream(question, mode=mode, stats=stats, **options)
+        else:
+            yield from _reply_with_passages(index, llm, turns, at, question, mode, options, stats)
+        stats["citations"] = [c.to_dict() for c in stats.get("citations", [])]
+    stats["max_new_tokens"] = options["max_new_tokens"]
+
+
+def _reply_with_passages(index: ContextIndex, llm: SharedLLM, turns: Sequence[Mapping[str, str]], at: int, question: str,
+                         mode: str, options: Mapping[str, Any], stats: dict[str, Any]) -> Iterator[str]:
+    """``text`` / ``hybrid`` over a conversation: the index's passage prompt for ``question`` replaces the last user
+    turn (the turns before it stay); ``hybrid`` also injects the selected states."""
+    from .index.retrieval import text_prompt  # an index exists, so sharedctx.index is loaded already
+
+    citations = index.retrieve(question)
+    passages, dropped = text_prompt(llm, question, citations, options["max_new_tokens"])
+    ids = llm.chat_prompt_ids([*turns[:at], {"role": "user", "content": passages}, *turns[at + 1 :]])
+    if mode == "hybrid":  # the same selection again, now injected
+        yield from index.stream(question, mode="latent", prompt=ids, stats=stats, **options)
+    else:
+        yield from llm.stream(ids, stats=stats, **options)
+        stats.update(citations=citations, documents=len({c.doc_id for c in citations}),
+                     chunks_selected=len({(c.doc_id, c.chunk) for c in citations}))
+    stats.update(mode=mode, text_passages_dropped=dropped)

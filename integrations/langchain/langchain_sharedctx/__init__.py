@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from langchain_sharedctx.chains import create_latent_chain, create_text_chain, format_documents
+from langchain_sharedctx.chains import create_hybrid_chain, create_latent_chain, create_text_chain, format_documents
 from langchain_sharedctx.chat_models import ChatSharedLLM
 from langchain_sharedctx.retrievers import SharedContextRetriever, citation_to_document
 
@@ -18,6 +18,7 @@ __all__ = [
     "ChatSharedLLM",
     "SharedContextRetriever",
     "citation_to_document",
+    "create_hybrid_chain",
     "create_latent_chain",
     "create_text_chain",
     "format_documents",

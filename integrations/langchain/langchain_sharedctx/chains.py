@@ -1,5 +1,6 @@
-"""LCEL compositions: retrieved context read as injected states (`create_latent_chain`), or as prompt text for any
-chat model (`create_text_chain`). Both take a question and return ``{"question", "context", "answer"}``."""
+"""LCEL compositions: retrieved context read as prompt text and injected states together (`create_hybrid_chain`, the
+default way `ChatSharedLLM` reads an index), as injected states only (`create_latent_chain`), or as prompt text for
+any chat model (`create_text_chain`). Each takes a question and returns ``{"question", "context", "answer"}``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrou
 from .chat_models import ChatSharedLLM
 from .retrievers import SharedContextRetriever
 
-__all__ = ["create_latent_chain", "create_text_chain", "format_documents", "LATENT_PROMPT", "TEXT_PROMPT"]
+__all__ = ["create_hybrid_chain", "create_latent_chain", "create_text_chain", "format_documents", "LATENT_PROMPT", "TEXT_PROMPT"]
 
 #: the latent chain's prompt: only the question; the context arrives as injected states
 LATENT_PROMPT = ChatPromptTemplate.from_messages([("human", "{question}")])
@@ -42,35 +43,59 @@ def _as_question(value: Any) -> dict[str, Any]:
     raise TypeError(f"the chain takes a question string or a dict with a 'question' key, got {type(value).__name__}")
 
 
-def create_latent_chain(chat: ChatSharedLLM, retriever: BaseRetriever, *, prompt: ChatPromptTemplate | None = None) -> Runnable:
-    """``question -> {"question", "context": [Document], "answer": AIMessage}`` where the answer reads the retrieved
-    context as **injected states**: the prompt holds only ``prompt`` (default: the question).
-
-    With a `SharedContextRetriever`, the model injects the stored states of the nodes its `ContextIndex` selects
-    for the question (the same traversal that produced ``context``; nothing is encoded again), and the answer's
-    ``response_metadata["citations"]`` lists them. With any other retriever, the retrieved Documents are encoded
-    into a context tree (once per distinct set of Documents) and injected.
-    """
+def _injecting_chain(chat: ChatSharedLLM, retriever: BaseRetriever, prompt: ChatPromptTemplate, mode: str, name: str) -> Runnable:
+    """The latent and hybrid compositions: ``chat`` reads the retriever's selection as ``mode`` says."""
     if not isinstance(chat, ChatSharedLLM):
         raise TypeError(f"latent injection needs a ChatSharedLLM, got {type(chat).__name__}; use create_text_chain for other chat models")
-    prompt = prompt or LATENT_PROMPT
     if isinstance(retriever, SharedContextRetriever):
         index = retriever.index
         if index.llm is not chat.get_llm():
             raise ValueError("the retriever's ContextIndex was built with another SharedLLM; build ChatSharedLLM(llm=index.llm)")
 
         def answer(inputs: dict[str, Any]) -> Runnable:
-            return prompt | chat.bind(context=index)
+            return prompt | chat.bind(context=index, mode=mode)
     else:
 
         def answer(inputs: dict[str, Any]) -> Runnable:
-            return prompt | chat.bind(context=list(inputs["context"]))
+            passages = RunnablePassthrough.assign(context=lambda inputs: format_documents(inputs["context"]))
+            return passages | prompt | chat.bind(context=list(inputs["context"]))
 
     return (
         RunnableLambda(_as_question)
         | RunnablePassthrough.assign(context=itemgetter("question") | retriever)
         | RunnablePassthrough.assign(answer=RunnableLambda(answer))
-    ).with_config(run_name="sharedctx_latent_chain")
+    ).with_config(run_name=name)
+
+
+def create_hybrid_chain(chat: ChatSharedLLM, retriever: BaseRetriever, *, prompt: ChatPromptTemplate | None = None) -> Runnable:
+    """``question -> {"question", "context": [Document], "answer": AIMessage}`` where the answer reads the retrieved
+    context **both** as prompt text and as injected states: the way `ChatSharedLLM` reads an index by default
+    (``mode="hybrid"``, `sharedctx.config.DEFAULT_MODE`).
+
+    With a `SharedContextRetriever` the answer is the index's own hybrid answer (`ContextIndex.query(question,
+    mode="hybrid")`: the selected spans as numbered passages, their stored states injected; ``prompt``, when given,
+    is the conversation whose last user message gets the passages) and ``response_metadata["citations"]`` lists the
+    nodes read. With any other retriever, the Documents are formatted into ``prompt`` (default `TEXT_PROMPT`,
+    variables ``context`` and ``question``) and also encoded into a context tree and injected.
+    """
+    if isinstance(retriever, SharedContextRetriever):
+        return _injecting_chain(chat, retriever, prompt or LATENT_PROMPT, "hybrid", "sharedctx_hybrid_chain")
+    return _injecting_chain(chat, retriever, prompt or TEXT_PROMPT, "hybrid", "sharedctx_hybrid_chain")
+
+
+def create_latent_chain(chat: ChatSharedLLM, retriever: BaseRetriever, *, prompt: ChatPromptTemplate | None = None) -> Runnable:
+    """``question -> {"question", "context": [Document], "answer": AIMessage}`` where the answer reads the retrieved
+    context as **injected states** only: the prompt holds only ``prompt`` (default: the question).
+
+    With a `SharedContextRetriever`, the model injects the stored states of the nodes its `ContextIndex` selects
+    for the question (the same traversal that produced ``context``; nothing is encoded again), and the answer's
+    ``response_metadata["citations"]`` lists them. With any other retriever, the retrieved Documents are encoded
+    into a context tree (once per distinct set of Documents) and injected. (An adapter reads injected states well
+    enough to answer from them alone only once trained to: until then `create_hybrid_chain` is the one that answers.)
+    """
+    if prompt is not None and "context" in prompt.input_variables:
+        raise ValueError("create_latent_chain's prompt holds the question only ({context} would paste the passages as text); use create_hybrid_chain")
+    return _injecting_chain(chat, retriever, prompt or LATENT_PROMPT, "latent", "sharedctx_latent_chain")
 
 
 def create_text_chain(chat: BaseChatModel, retriever: BaseRetriever, *, prompt: ChatPromptTemplate | None = None) -> Runnable:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from sharedctx.contexts import TextTreeCache, find_index, message_text
+from sharedctx.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, MODES
+from sharedctx.contexts import TextTreeCache, holder_llm, message_text, model_name, stream_reply
 
 __all__ = ["ChatSharedLLM"]
 
@@ -25,26 +25,26 @@ _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"
 #: tests can pass them) and logged
 _REMOTE_ONLY = ("api_key", "timeout", "max_retries", "base_url", "request_timeout")
 #: per-call options (``invoke(..., **kw)`` or ``.bind(**kw)``)
-_CALL_OPTIONS = ("context", "max_tokens", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "model", "stream")
-
-
-def last_user_text(messages: list[BaseMessage]) -> str:
-    """The text of the last human message: the question a ContextIndex selects nodes for."""
-    for m in reversed(messages):
-        if m.type == "human" or (isinstance(m, ChatMessage) and m.role == "user"):
-            return message_text(m.content)
-    raise ValueError("answering from a ContextIndex needs a user message to select context for")
+_CALL_OPTIONS = ("context", "mode", "max_tokens", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "model", "stream")
 
 
 class ChatSharedLLM(BaseChatModel):
     """A SharedLLM as a LangChain chat model.
 
     Messages are formatted with the base model's own chat template. A long ``context`` (text, Documents or a
-    `sharedctx.ContextTree`, or a `sharedctx.index.ContextIndex` over many documents) is never put into the prompt: it is compressed into a context tree by the model's
-    bottom layers and read back through cross-attention, so it costs a few injected states per chunk instead
-    of its length in prompt tokens. A ContextIndex selects the nodes for the last user message from its store
-    (encoded once, on disk) and reports them as ``response_metadata["citations"]``. Bind it once (``ChatSharedLLM(context=...)`` or ``chat.bind(context=...)``)
-    or pass it per call (``chat.invoke(messages, context=...)``); a text context is encoded once and reused.
+    `sharedctx.ContextTree`) is never put into the prompt: it is compressed into a context tree by the model's
+    bottom layers and read back through cross-attention, so it costs a few injected states per chunk instead of its
+    length in prompt tokens; a text context is encoded once and reused. A `sharedctx.index.ContextIndex` over many
+    documents selects nodes for the last user message (with the index's policy: ``lexical``, BM25 of the nodes'
+    text, unless the index was built with another) and the answer reads them as ``mode`` says: ``hybrid`` (the
+    default, `sharedctx.config.DEFAULT_MODE`: their spans as numbered passages in the last user message *and* their
+    states injected), ``text`` (the passages only) or ``latent`` (the states only; the conversation is the prompt).
+    The nodes read come back as ``response_metadata["citations"]``. Bind a context once
+    (``ChatSharedLLM(context=...)`` or ``chat.bind(context=...)``) or pass it per call
+    (``chat.invoke(messages, context=..., mode=...)``).
+
+    `get_num_tokens` / `get_token_ids` use the model's own tokenizer (offline), and `get_num_tokens_from_messages`
+    counts the prompt the model reads (the chat template included).
 
     Example:
         .. code-block:: python
@@ -58,6 +58,7 @@ class ChatSharedLLM(BaseChatModel):
         llm: an existing `sharedctx.SharedLLM` (for example a fine-tuned one); otherwise one is loaded from
             ``model`` / ``adapter`` on first use and shared with every chat model that names the same options.
         model: base model id or local folder; None for the default model.
+        mode: how an index context is read: ``hybrid`` (default), ``text`` or ``latent``.
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True, extra="forbid")
@@ -67,9 +68,10 @@ class ChatSharedLLM(BaseChatModel):
     adapter: str | None = Field(default=None, description="adapter folder; None: the default adapter of the default model")
     device: str | None = None
     dtype: str | None = None
-    context: Any = Field(default=None, exclude=True, description="bound context: text, Documents or a ContextTree")
+    context: Any = Field(default=None, exclude=True, description="bound context: text, Documents, a ContextTree or a ContextIndex")
+    mode: str = Field(default=DEFAULT_MODE, description=f"how an index context is read: one of {MODES}")
     temperature: float = Field(default=0.0, ge=0.0)
-    max_tokens: int = Field(default=256, ge=1, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
+    max_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, validation_alias=AliasChoices("max_tokens", "max_new_tokens"))
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
@@ -78,7 +80,13 @@ class ChatSharedLLM(BaseChatModel):
     context_cache_size: int = Field(default=8, ge=0, description="encoded text contexts kept per chat model")
 
     _contexts: TextTreeCache = PrivateAttr(default_factory=TextTreeCache)
-    _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @field_validator("mode")
+    @classmethod
+    def _check_mode(cls, value: str) -> str:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {value!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -96,24 +104,28 @@ class ChatSharedLLM(BaseChatModel):
     # ------------------------------------------------------------------ model
     def get_llm(self) -> Any:
         """The `sharedctx.SharedLLM` behind this chat model (loaded on first use)."""
-        if self.llm is None:
-            with self._load_lock:
-                if self.llm is None:
-                    self.llm = _load_llm(self.model_name, self.adapter, self.device, self.dtype)
-        return self.llm
+        return holder_llm(self)
 
     @property
     def resolved_model_name(self) -> str:
-        if self.model_name:
-            return self.model_name
-        if self.llm is not None:
-            name = getattr(getattr(self.llm, "base", None), "config", None)
-            name = getattr(name, "_name_or_path", "") if name is not None else ""
-            if name:
-                return str(name)
-        from sharedctx.base_model import DEFAULT_MODEL_NAME
+        return model_name(self)
 
-        return DEFAULT_MODEL_NAME if self.llm is None else "sharedctx-custom"
+    # ------------------------------------------------------------------ tokens: the model's own tokenizer
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` under the model's tokenizer (no special tokens; offline; loads the model on first
+        use). A ``custom_get_token_ids`` given to the chat model wins, as LangChain documents."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        if not isinstance(text, str):
+            raise TypeError(f"get_token_ids takes a string, got {type(text).__name__}")
+        return list(self.get_llm()._require_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Tokens the model reads for ``messages``: the conversation in the base model's chat template, ready for
+        the answer (exactly ``usage_metadata["input_tokens"]`` of a call without an index context)."""
+        if tools:
+            raise NotImplementedError("ChatSharedLLM does not support tools, so it cannot count their tokens")
+        return len(self.prompt_ids(messages))
 
     @property
     def _llm_type(self) -> str:
@@ -172,8 +184,8 @@ class ChatSharedLLM(BaseChatModel):
             "stop": list(stop if stop is not None else (self.stop or [])),
         }
 
-    def prompt_ids(self, messages: list[BaseMessage]) -> list[int]:
-        """The token ids the model is given for ``messages``: the base model's chat template, nothing else."""
+    @staticmethod
+    def _turns(messages: list[BaseMessage]) -> list[dict[str, str]]:
         turns = []
         for m in messages:
             role = m.role if isinstance(m, ChatMessage) else _ROLES.get(m.type)
@@ -182,24 +194,17 @@ class ChatSharedLLM(BaseChatModel):
             turns.append({"role": role, "content": message_text(m.content)})
         if not turns:
             raise ValueError("ChatSharedLLM needs at least one message")
-        return self.get_llm().chat_prompt_ids(turns)
+        return turns
+
+    def prompt_ids(self, messages: list[BaseMessage]) -> list[int]:
+        """The token ids the model is given for ``messages``: the base model's chat template, nothing else."""
+        return self.get_llm().chat_prompt_ids(self._turns(messages))
 
     def _deltas(self, messages: list[BaseMessage], stop: list[str] | None, stats: dict[str, Any], kwargs: dict[str, Any]) -> Iterator[str]:
         options = self._options(stop, kwargs)
-        llm = self.get_llm()
-        context = kwargs.get("context", self.context)
-        ids = self.prompt_ids(messages)
-        if find_index(context) is not None:
-            # the index selects nodes for the last question and injects their stored states; the model reads the
-            # whole conversation
-            if context.llm is not llm:
-                raise ValueError("this ContextIndex was built with another SharedLLM than this chat model's; pass llm=index.llm")
-            yield from context.stream(last_user_text(messages), mode="latent", prompt=ids, stats=stats, **options)
-            stats["citations"] = [c.to_dict() for c in stats.get("citations", [])]
-        else:
-            tree = self._contexts.context(llm, context)
-            yield from llm.stream(ids, context=tree, stats=stats, **options)
-        stats["max_new_tokens"] = options["max_new_tokens"]
+        mode = kwargs.get("mode", self.mode)
+        yield from stream_reply(self.get_llm(), self._turns(messages), context=kwargs.get("context", self.context), trees=self._contexts,
+                                mode=mode, options=options, stats=stats)
 
     def _metadata(self, stats: dict[str, Any]) -> tuple[UsageMetadata, dict[str, Any]]:
         prompt, generated = int(stats.get("prompt_tokens", 0)), int(stats.get("generated_tokens", 0))
@@ -217,7 +222,8 @@ class ChatSharedLLM(BaseChatModel):
         }
         if "citations" in stats:  # answered from a ContextIndex
             meta["citations"] = stats["citations"]
-            for key in ("documents", "chunks_selected", "chunks_encoded", "chunks_cached"):
+            meta["mode"] = stats.get("mode")
+            for key in ("documents", "chunks_selected", "chunks_encoded", "chunks_cached", "text_passages_dropped"):
                 meta[key] = int(stats.get(key, 0))
         return usage, meta
 
@@ -287,9 +293,3 @@ class ChatSharedLLM(BaseChatModel):
             yield chunk
         yield self._last_chunk(stats)
 
-
-def _load_llm(model: str | None, adapter: str | None, device: str | None, dtype: str | None) -> Any:
-    """``SharedLLM.shared``: one model per set of options, shared by everything alive in this process."""
-    from sharedctx import SharedLLM
-
-    return SharedLLM.shared(model, adapter=adapter, device=device, dtype=dtype)

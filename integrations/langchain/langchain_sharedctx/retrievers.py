@@ -10,7 +10,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, field_validator
 
-from sharedctx.contexts import find_index
+from sharedctx.contexts import find_index, question_text
 
 __all__ = ["SharedContextRetriever", "citation_to_document"]
 
@@ -22,7 +22,8 @@ def citation_to_document(citation: Any) -> Document:
 
     ``metadata`` holds the document's own metadata (from `ContextIndex.add` or `add_text`) overlaid with the citation:
     ``doc_id``, ``chunk``, ``level``, ``index`` (the node), ``char_start``/``char_end`` (its span in the
-    document's text), ``token_start``/``token_end``, ``score`` (cosine of the node key with the query key),
+    document's text), ``token_start``/``token_end``, ``score`` (BM25 of the node's text under the ``lexical`` policy, cosine of the node
+    key with the query key under ``query``),
     ``chunk_score`` and ``n_states`` (states the node injects).
     """
     fields = citation.to_dict()
@@ -35,7 +36,9 @@ def citation_to_document(citation: Any) -> Document:
 class SharedContextRetriever(BaseRetriever):
     """Retrieves from a `sharedctx.index.ContextIndex` by query-aware tree traversal, not embeddings.
 
-    The index scores every chunk root against the query, keeps the best chunks, and walks each kept chunk's tree;
+    The index scores every chunk root against the query, keeps the best chunks, and walks each kept chunk's tree
+    under its policy (``lexical``, BM25 of the text, for an index built without naming another: see
+    `sharedctx.config.DEFAULT_POLICY`);
     the preserved nodes come back as Documents, best score first, each carrying its character span and score
     (see `citation_to_document`). Feed them to any chat model as text, or let `ChatSharedLLM` read the same
     nodes as injected states (`create_latent_chain`).
@@ -72,6 +75,7 @@ class SharedContextRetriever(BaseRetriever):
         return k, kwargs.get("top_k_chunks", self.top_k_chunks), kwargs.get("max_injected_states", self.max_injected_states)
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any) -> list[Document]:
+        query = question_text(query, "SharedContextRetriever's query")
         k, top_k, budget = self._options(kwargs)
         if top_k is None:
             # enough chunks for k nodes: every walked chunk preserves tree_height + 1 nodes

@@ -52,9 +52,9 @@ def _resolve_llm(llm: Any) -> Any:
     if llm is not None and callable(getattr(llm, "get_llm", None)):
         return llm.get_llm()
     if llm is None:
-        from llama_index.llms.sharedctx.base import load_llm
+        from sharedctx.contexts import load_llm
 
-        return load_llm(None, None, None, None)
+        return load_llm()
     raise TypeError(
         f"SharedContextIndex reads with a SharedLLM, got {type(llm).__name__}: pass a sharedctx.SharedLLM or "
         "llama_index.llms.sharedctx.SharedLLM (any other LLM can still use as_retriever())"
@@ -92,6 +92,12 @@ class SharedContextIndex(BaseIndex[IndexList]):
         store: the ContextIndex directory (None: a temporary one; `persist` copies it).
         context_index: an existing `sharedctx.index.ContextIndex` to wrap instead (``llm``/``store`` unused).
         top_k, max_injected_states, expand_margin: options of the ContextIndex (see its documentation).
+        policy: how chunks are ranked and trees walked for a query. Default: the model's ``config.policy``, which is
+            ``lexical`` (BM25 of the nodes' text, `sharedctx.config.DEFAULT_POLICY`) unless the model was built with
+            another; a reopened index keeps the policy it was built with. ``query`` (the paper's cosine of
+            hidden-state keys) and the adapter's own training policy apply only when named here.
+        encode: ``eager`` (default) encodes every chunk as it is added; ``lazy`` (``lexical`` only) stores text and
+            encodes a chunk the first time an answer injects it.
     """
 
     index_struct_cls = SharedContextIndexStruct
@@ -125,6 +131,8 @@ class SharedContextIndex(BaseIndex[IndexList]):
                 policy=policy, encode=encode,
             )
         self.context_index = context_index
+        #: the llama_index SharedLLM the index was built with (its generation settings are the query engine's defaults)
+        self.llm_settings = llm if llm is not None and not isinstance(llm, str) and callable(getattr(llm, "get_llm", None)) else None
         self.build_reports: list[Any] = []  # AddResult of every node added (chunks encoded / reused)
         self.skipped: list[tuple[str, str]] = []  # (document id, why) of every node not indexed (empty text)
         super().__init__(
@@ -274,28 +282,32 @@ class SharedContextIndex(BaseIndex[IndexList]):
         struct = structs[0]
         if not isinstance(struct, SharedContextIndexStruct):  # persisted as a plain list before it had its own type
             struct = SharedContextIndexStruct(index_id=struct.index_id, summary=struct.summary, nodes=list(struct.nodes))
-        return cls(index_struct=struct, storage_context=storage_context, context_index=context_index, **kwargs)
+        return cls(index_struct=struct, storage_context=storage_context, context_index=context_index, llm=llm, **kwargs)
 
     # ------------------------------------------------------------------ retrieval and answers
     def as_retriever(self, **kwargs: Any) -> Any:
-        """A retriever returning the selected tree nodes as `NodeWithScore`s (see `SharedContextRetriever`)."""
+        """A retriever returning the selected tree nodes as `NodeWithScore`s (see `SharedContextRetriever`):
+        ``similarity_top_k`` (4), ``top_k_chunks``, ``max_injected_states``, ``filters`` (`MetadataFilters`)."""
         from .retriever import SharedContextRetriever
 
         kwargs.setdefault("callback_manager", self._callback_manager)
         return SharedContextRetriever(self, **kwargs)
 
     def as_query_engine(self, llm: Any = None, **kwargs: Any) -> Any:
-        """A query engine whose answers read the selected nodes as injected states (see `SharedContextQueryEngine`).
+        """A query engine over this index (see `SharedContextQueryEngine` for the options of each mode).
 
-        ``llm`` may be None or a SharedLLM over this index's model; the stock RetrieverQueryEngine would hand
-        the LLM only text, so a text LLM should use ``RetrieverQueryEngine.from_args(index.as_retriever(), llm=...)``.
+        ``mode``: ``hybrid`` (default, `sharedctx.config.DEFAULT_MODE`), ``text`` or ``latent``. ``llm``: a
+        `llama_index.llms.sharedctx.SharedLLM` over this index's model, whose settings (``max_new_tokens``,
+        ``temperature``, ...) the answers use; None: the SharedLLM the index was built with, else ``Settings.llm`` when
+        it is one, else this index's model with default settings. In ``text`` mode any other LLM works too (the
+        engine is then LlamaIndex's own RetrieverQueryEngine over this index's retriever). Keyword arguments of
+        ``RetrieverQueryEngine.from_args`` (``response_mode``, ``text_qa_template``, ``node_postprocessors``,
+        ``response_synthesizer``, ...) apply in ``text`` and ``hybrid`` modes.
         """
         from .query_engine import SharedContextQueryEngine
 
-        if llm is not None and _resolve_llm(llm) is not self.llm:
-            raise ValueError("as_query_engine(llm=...) must be this index's SharedLLM; use as_retriever() with other LLMs")
         kwargs.setdefault("callback_manager", self._callback_manager)
-        return SharedContextQueryEngine(self, **kwargs)
+        return SharedContextQueryEngine(self, llm=llm, **kwargs)
 
 
 # load_index_from_storage finds the class by the persisted struct's type: this one raises an error naming from_persist_dir

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Iterator, Sequence
 
 from llama_index.core.base.llms.types import (
@@ -22,26 +23,46 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from pydantic import Field, PrivateAttr
 
-from sharedctx.contexts import TextTreeCache, find_index
+from sharedctx.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, MODES
+from sharedctx.contexts import TextTreeCache, find_index, holder_llm, model_name, question_text, stream_reply
 
-__all__ = ["SharedLLM"]
+__all__ = ["SharedLLM", "selecting_for"]
 
 logger = logging.getLogger(__name__)
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
           "chatbot": "assistant", "tool": "tool", "function": "tool"}
-_CALL_OPTIONS = ("context", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+_CALL_OPTIONS = ("context", "mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+#: generation settings of a SharedLLM (copied into the LLM a query engine answers with)
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+#: (index, question): while set, an LLM reading that index selects its nodes for this question, whatever its prompt
+#: (a LlamaIndex response synthesizer's prompt holds passages and templates, not the question alone)
+_SELECTING_FOR: ContextVar[tuple[Any, str] | None] = ContextVar("sharedctx_selecting_for", default=None)
+
+
+@contextmanager
+def selecting_for(index: Any, question: str) -> Iterator[None]:
+    """Within this block, a SharedLLM whose context is ``index`` selects the nodes it injects for ``question`` (the
+    query), not for its prompt: how a hybrid query engine injects the query's selection under a synthesizer's prompt."""
+    token = _SELECTING_FOR.set((find_index(index), question))
+    try:
+        yield
+    finally:
+        _SELECTING_FOR.reset(token)
 
 
 class SharedLLM(CustomLLM):
     """A `sharedctx.SharedLLM` as a LlamaIndex LLM (``Settings.llm = SharedLLM()`` works).
 
     ``complete`` wraps the prompt as one user turn in the base model's chat template; ``chat`` formats the whole
-    conversation with it. A long ``context`` (text, nodes / Documents, a `sharedctx.ContextTree`, a
-    `SharedContextIndex` or a `sharedctx.index.ContextIndex`) is never put into the prompt: it is compressed by the
-    model's bottom layers and read back as injected states. Bind it as a field or pass ``context=`` per call; a
-    text context is encoded once and reused; an index selects nodes for the prompt (``complete``) or the last user
-    message (``chat``) from its store.
+    conversation with it. A long ``context`` (text, nodes / Documents or a `sharedctx.ContextTree`) is never put
+    into the prompt: it is compressed by the model's bottom layers and read back as injected states; a text context
+    is encoded once and reused. An index (a `SharedContextIndex` or a `sharedctx.index.ContextIndex`) selects nodes
+    for the prompt (``complete``) or the last user message (``chat``) from its store, with the index's policy
+    (``lexical``, BM25 of the nodes' text, unless it was built with another: `sharedctx.config.DEFAULT_POLICY`),
+    and the answer reads them as ``mode`` says: ``hybrid`` (the default, `sharedctx.config.DEFAULT_MODE`: the spans
+    as numbered passages in the last user message and their states injected), ``text`` (passages only) or
+    ``latent`` (states only). Bind a context as a field or pass ``context=`` (and ``mode=``) per call.
 
     Every response carries exact token counts in ``raw["usage"]`` (so `TokenCountingHandler` needs no tokenizer of
     its own) and what was injected in ``additional_kwargs``.
@@ -58,7 +79,8 @@ class SharedLLM(CustomLLM):
     device: str | None = None
     dtype: str | None = None
     context: Any = Field(default=None, exclude=True, description="bound context: text, nodes, a ContextTree or an index")
-    max_new_tokens: int = Field(default=256, ge=1, description="tokens generated at most (num_output)")
+    mode: str = Field(default=DEFAULT_MODE, description=f"how an index context is read: one of {MODES}")
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, description="tokens generated at most (num_output)")
     temperature: float = Field(default=0.0, ge=0.0)
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -68,10 +90,11 @@ class SharedLLM(CustomLLM):
     context_cache_size: int = Field(default=8, ge=0)
 
     _contexts: TextTreeCache = PrivateAttr(default_factory=TextTreeCache)
-    _load_lock: Any = PrivateAttr(default_factory=threading.Lock)
 
     def model_post_init(self, __context: Any) -> None:
         super().model_post_init(__context)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         self._contexts.size = self.context_cache_size
 
     @classmethod
@@ -81,22 +104,11 @@ class SharedLLM(CustomLLM):
     # ------------------------------------------------------------------ model
     def get_llm(self) -> Any:
         """The `sharedctx.SharedLLM` behind this LLM (loaded on first use)."""
-        if self.llm is None:
-            with self._load_lock:
-                if self.llm is None:
-                    self.llm = load_llm(self.model_name, self.adapter, self.device, self.dtype)
-        return self.llm
+        return holder_llm(self)
 
     @property
     def resolved_model_name(self) -> str:
-        if self.model_name:
-            return self.model_name
-        if self.llm is not None:
-            name = getattr(getattr(getattr(self.llm, "base", None), "config", None), "_name_or_path", "")
-            return str(name) if name else "sharedctx-custom"
-        from sharedctx.base_model import DEFAULT_MODEL_NAME
-
-        return DEFAULT_MODEL_NAME
+        return model_name(self)
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -111,7 +123,7 @@ class SharedLLM(CustomLLM):
 
     # ------------------------------------------------------------------ one generation
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(kwargs) - set(_CALL_OPTIONS) - {"formatted"})
+        unknown = sorted(set(kwargs) - set(_CALL_OPTIONS) - {"formatted", "_question"})
         if unknown:
             raise TypeError(f"SharedLLM got unknown options {unknown}; it accepts {list(_CALL_OPTIONS)}")
         stop = kwargs.get("stop", self.stop)
@@ -124,8 +136,8 @@ class SharedLLM(CustomLLM):
             "stop": [stop] if isinstance(stop, str) else list(stop or ()),
         }
 
-    def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The token ids the model is given for ``messages``: the base model's chat template, nothing else."""
+    @staticmethod
+    def _turns(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
         turns = []
         for m in messages:
             role = m.role.value if isinstance(m.role, MessageRole) else str(m.role)
@@ -134,23 +146,26 @@ class SharedLLM(CustomLLM):
             turns.append({"role": _ROLES[role], "content": m.content or ""})
         if not turns:
             raise ValueError("SharedLLM needs at least one message")
-        return self.get_llm().chat_prompt_ids(turns)
+        return turns
 
-    def _deltas(self, messages: Sequence[ChatMessage], question: str, stats: dict[str, Any], kwargs: dict[str, Any]) -> Iterator[str]:
+    def prompt_ids(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The token ids the model is given for ``messages``: the base model's chat template, nothing else."""
+        return self.get_llm().chat_prompt_ids(self._turns(messages))
+
+    def _bound(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` with the question an index context selects for, when `selecting_for` names it (read when the
+        call is made: a stream or a thread that runs later sees what was set then)."""
+        pinned = _SELECTING_FOR.get()
+        if pinned is not None and "_question" not in kwargs:
+            index = find_index(kwargs.get("context", self.context))
+            if index is not None and index is pinned[0]:
+                return {**kwargs, "_question": pinned[1]}
+        return kwargs
+
+    def _deltas(self, messages: Sequence[ChatMessage], stats: dict[str, Any], kwargs: dict[str, Any]) -> Iterator[str]:
         options = self._options(kwargs)
-        llm = self.get_llm()
-        context = kwargs.get("context", self.context)
-        ids = self.prompt_ids(messages)
-        index = find_index(context)
-        if index is not None:
-            if index.llm is not llm:
-                raise ValueError("this index was built with another sharedctx.SharedLLM than this LLM's; pass llm=index.llm")
-            yield from index.stream(question, mode="latent", prompt=ids, stats=stats, **options)
-            stats["citations"] = [c.to_dict() for c in stats.get("citations", [])]
-        else:
-            tree = self._contexts.context(llm, context)
-            yield from llm.stream(ids, context=tree, stats=stats, **options)
-        stats["max_new_tokens"] = options["max_new_tokens"]
+        yield from stream_reply(self.get_llm(), self._turns(messages), context=kwargs.get("context", self.context), trees=self._contexts,
+                                mode=kwargs.get("mode", self.mode), options=options, stats=stats, question=kwargs.get("_question"))
 
     def _raw(self, stats: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         prompt, generated = int(stats.get("prompt_tokens", 0)), int(stats.get("generated_tokens", 0))
@@ -166,22 +181,17 @@ class SharedLLM(CustomLLM):
         }
         if "citations" in stats:
             extra["citations"] = stats["citations"]
-            for key in ("documents", "chunks_selected", "chunks_encoded", "chunks_cached"):
+            extra["mode"] = stats.get("mode")
+            for key in ("documents", "chunks_selected", "chunks_encoded", "chunks_cached", "text_passages_dropped"):
                 extra[key] = int(stats.get(key, 0))
         return {"usage": usage, **extra}, extra
 
     def _complete_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
+        prompt = question_text(prompt, "SharedLLM.complete's prompt")
         if not formatted and self.completion_to_prompt is not None:
             prompt = self.completion_to_prompt(prompt)
         messages = [ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt)] if self.system_prompt else []
         return messages + [ChatMessage(role=MessageRole.USER, content=prompt)]
-
-    @staticmethod
-    def _question(messages: Sequence[ChatMessage]) -> str:
-        for m in reversed(messages):
-            if m.role == MessageRole.USER:
-                return m.content or ""
-        return ""
 
     # ------------------------------------------------------------------ completion
     # The public methods carry LlamaIndex's callback decorators; the async ones run the undecorated bodies in a
@@ -189,7 +199,7 @@ class SharedLLM(CustomLLM):
     # report it twice and double every token count).
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return self._complete(prompt, formatted, kwargs)
+        return self._complete(prompt, formatted, self._bound(kwargs))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
@@ -197,17 +207,18 @@ class SharedLLM(CustomLLM):
 
     def _complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponse:
         stats: dict[str, Any] = {}
-        text = "".join(self._deltas(self._complete_messages(prompt, formatted), prompt, stats, kwargs))
+        text = "".join(self._deltas(self._complete_messages(prompt, formatted), stats, kwargs))
         raw, extra = self._raw(stats)
         return CompletionResponse(text=text, raw=raw, additional_kwargs=extra)
 
     def _stream_complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponseGen:
         messages = self._complete_messages(prompt, formatted)
+        kwargs = self._bound(kwargs)
 
         def gen() -> CompletionResponseGen:
             stats: dict[str, Any] = {}
             text = ""
-            for delta in self._deltas(messages, prompt, stats, kwargs):
+            for delta in self._deltas(messages, stats, kwargs):
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
             raw, extra = self._raw(stats)
@@ -218,7 +229,7 @@ class SharedLLM(CustomLLM):
     # ------------------------------------------------------------------ chat
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return self._chat(messages, kwargs)
+        return self._chat(messages, self._bound(kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -227,17 +238,18 @@ class SharedLLM(CustomLLM):
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
         messages = self._with_system(messages)
         stats: dict[str, Any] = {}
-        text = "".join(self._deltas(messages, self._question(messages), stats, kwargs))
+        text = "".join(self._deltas(messages, stats, kwargs))
         raw, extra = self._raw(stats)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), raw=raw, additional_kwargs=extra)
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
         messages = self._with_system(messages)
+        kwargs = self._bound(kwargs)
 
         def gen() -> ChatResponseGen:
             stats: dict[str, Any] = {}
             text = ""
-            for delta in self._deltas(messages, self._question(messages), stats, kwargs):
+            for delta in self._deltas(messages, stats, kwargs):
                 text += delta
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
             raw, extra = self._raw(stats)
@@ -252,29 +264,27 @@ class SharedLLM(CustomLLM):
         return messages
 
     # ------------------------------------------------------------------ async: threads, never asyncio.run; undecorated bodies
+    # (`_bound` runs here, in the caller's context: the worker thread does not see its context variables)
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        kwargs = self._bound(kwargs)
         return await asyncio.get_running_loop().run_in_executor(None, lambda: self._complete(prompt, formatted, kwargs))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        kwargs = self._bound(kwargs)
         return await asyncio.get_running_loop().run_in_executor(None, lambda: self._chat(messages, kwargs))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         from sharedctx.concurrency import iterate_in_thread
 
+        kwargs = self._bound(kwargs)
         return iterate_in_thread(lambda: self._stream_complete(prompt, formatted, kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         from sharedctx.concurrency import iterate_in_thread
 
+        kwargs = self._bound(kwargs)
         return iterate_in_thread(lambda: self._stream_chat(messages, kwargs))
-
-
-def load_llm(model: str | None, adapter: str | None, device: str | None, dtype: str | None) -> Any:
-    """``SharedLLM.shared``: one model per set of options, shared by everything alive in this process."""
-    from sharedctx import SharedLLM
-
-    return SharedLLM.shared(model, adapter=adapter, device=device, dtype=dtype)
