@@ -30,9 +30,16 @@ def documents():
 
 @pytest.fixture(scope="session")
 def llm():
-    """A tiny SharedLLM whose cross-attention is switched on (gates != 0), so injected states change the output."""
+    """A tiny SharedLLM whose cross-attention is switched on (gates != 0), so injected states change the output; with
+    a 4,096-position window (byte tokens), room for LlamaIndex's own refine and summary prompts."""
     if "llm" not in _SHARED:
-        _SHARED["llm"] = make_llm(gates=1.0)
+        from sharedctx import SharedCtxConfig, SharedLLM
+        from sharedctx.testing import byte_tokenizer, set_gates, tiny_model
+
+        reference = make_llm()  # the options make_llm gives every tiny test model
+        _SHARED["llm"] = SharedLLM.from_model(tiny_model("llama", 0, max_position_embeddings=4096), byte_tokenizer(), config=SharedCtxConfig(
+            **{k: getattr(reference.config, k) for k in ("injection_layers", "chunk_size", "tree_height", "node_keep")}))
+        set_gates(_SHARED["llm"], 1.0)
     return _SHARED["llm"]
 
 

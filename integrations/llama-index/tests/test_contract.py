@@ -88,3 +88,12 @@ def test_import_is_light():
     code = "import sys, llama_index.llms.sharedctx, llama_index.indices.sharedctx; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_models_load_through_the_shared_loader():
+    """No model loader of its own: models come from sharedctx.contexts (holder_llm / load_llm), shared with LangChain's."""
+    for path in (ROOT / "llama_index").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("shared", "from_pretrained")]
+        defs = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and "load" in n.name]
+        assert not calls and not defs, (path.name, defs)

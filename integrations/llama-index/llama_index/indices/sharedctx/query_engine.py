@@ -11,6 +11,7 @@ from llama_index.core.base.response.schema import RESPONSE_TYPE, Response, Strea
 from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent, SynthesizeStartEvent
+from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.core.llms import LLM
 from llama_index.core.prompts import BasePromptTemplate, PromptTemplate
 from llama_index.core.query_engine import RetrieverQueryEngine
@@ -222,6 +223,10 @@ class SharedContextQueryEngine(RetrieverQueryEngine):
         retriever = SharedContextRetriever(index, callback_manager=callback_manager, **retriever_options)
         if response_synthesizer is None:
             if response_options or node_postprocessors or retriever_options.get("filters") is not None or not _is_shared(lm):
+                if _is_shared(lm) and response_options.get("prompt_helper") is None:  # pack prompts by the model's own tokens
+                    tokenizer = lm.get_llm()._require_tokenizer()
+                    response_options["prompt_helper"] = PromptHelper.from_llm_metadata(
+                        lm.metadata, tokenizer=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
                 response_synthesizer = get_response_synthesizer(llm=_reading(lm, mode), streaming=streaming, callback_manager=callback_manager,
                                                                  **response_options)
             else:
