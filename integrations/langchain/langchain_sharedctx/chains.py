@@ -44,21 +44,18 @@ def _as_question(value: Any) -> dict[str, Any]:
 
 
 def _injecting_chain(chat: ChatSharedLLM, retriever: BaseRetriever, prompt: ChatPromptTemplate, mode: str, name: str) -> Runnable:
-    """The latent and hybrid compositions: ``chat`` reads the retriever's selection as ``mode`` says."""
+    """The latent and hybrid compositions: ``chat`` reads the retriever's selection as ``mode`` says (a `ContextIndex`
+    behind a `SharedContextRetriever` selects and reads its own nodes; other retrievers' Documents are injected)."""
     if not isinstance(chat, ChatSharedLLM):
         raise TypeError(f"latent injection needs a ChatSharedLLM, got {type(chat).__name__}; use create_text_chain for other chat models")
-    if isinstance(retriever, SharedContextRetriever):
-        index = retriever.index
-        if index.llm is not chat.get_llm():
-            raise ValueError("the retriever's ContextIndex was built with another SharedLLM; build ChatSharedLLM(llm=index.llm)")
+    index = retriever.index if isinstance(retriever, SharedContextRetriever) else None
+    if index is not None and index.llm is not chat.get_llm():
+        raise ValueError("the retriever's ContextIndex was built with another SharedLLM; build ChatSharedLLM(llm=index.llm)")
+    passages = RunnablePassthrough.assign(context=lambda inputs: format_documents(inputs["context"]))
 
-        def answer(inputs: dict[str, Any]) -> Runnable:
-            return prompt | chat.bind(context=index, mode=mode)
-    else:
-
-        def answer(inputs: dict[str, Any]) -> Runnable:
-            passages = RunnablePassthrough.assign(context=lambda inputs: format_documents(inputs["context"]))
-            return passages | prompt | chat.bind(context=list(inputs["context"]))
+    def answer(inputs: dict[str, Any]) -> Runnable:
+        bound = chat.bind(context=index, mode=mode) if index is not None else chat.bind(context=list(inputs["context"]))
+        return passages | prompt | bound
 
     return (
         RunnableLambda(_as_question)
@@ -78,9 +75,8 @@ def create_hybrid_chain(chat: ChatSharedLLM, retriever: BaseRetriever, *, prompt
     nodes read. With any other retriever, the Documents are formatted into ``prompt`` (default `TEXT_PROMPT`,
     variables ``context`` and ``question``) and also encoded into a context tree and injected.
     """
-    if isinstance(retriever, SharedContextRetriever):
-        return _injecting_chain(chat, retriever, prompt or LATENT_PROMPT, "hybrid", "sharedctx_hybrid_chain")
-    return _injecting_chain(chat, retriever, prompt or TEXT_PROMPT, "hybrid", "sharedctx_hybrid_chain")
+    default = LATENT_PROMPT if isinstance(retriever, SharedContextRetriever) else TEXT_PROMPT  # the index adds its passages itself
+    return _injecting_chain(chat, retriever, prompt or default, "hybrid", "sharedctx_hybrid_chain")
 
 
 def create_latent_chain(chat: ChatSharedLLM, retriever: BaseRetriever, *, prompt: ChatPromptTemplate | None = None) -> Runnable:

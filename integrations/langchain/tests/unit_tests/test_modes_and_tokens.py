@@ -81,6 +81,17 @@ def test_hybrid_reads_a_conversation_with_passages_and_states(index, llm):
         ChatSharedLLM(llm=llm, mode="vector")
 
 
+@pytest.mark.parametrize("mode", ["text", "hybrid"])
+def test_a_system_prompt_gives_the_index_answer_with_that_system_prompt(index, llm, mode):
+    """The passages go into the last user turn, the turns before stay: with a system turn, the index's own answer
+    for that system prompt (`ContextIndex.query(..., system=...)`)."""
+    system = "Answer in one word."
+    msg = ChatSharedLLM(llm=llm, max_tokens=6, context=index, mode=mode).invoke([SystemMessage(system), HumanMessage(QUESTION)])
+    answer = index.query(QUESTION, mode=mode, system=system, max_new_tokens=6)
+    assert msg.content == answer.text and msg.response_metadata["injected_states"] == answer.stats.injected_states
+    assert msg.usage_metadata["input_tokens"] == answer.stats.prompt_tokens
+
+
 def test_hybrid_chain_is_the_index_hybrid_answer(index, llm):
     chat = ChatSharedLLM(llm=llm, max_tokens=6, mode="latent")  # the chain says how it reads, whatever the chat's mode
     out = create_hybrid_chain(chat, SharedContextRetriever(index=index, k=4)).invoke(QUESTION)
