@@ -250,7 +250,7 @@ def test_cli_add_ray_lists_files_that_failed_and_keeps_the_rest(cluster, corpus,
     assert out["documents"] + len(failed) == 7 and [s["path"] for s in out["skipped"]] == [str(files / "binary.bin")]
     with ContextIndex(TinyModel()(), store) as index:  # what was kept is whole
         assert {d.doc_id for d in index.documents()} == {str(p.resolve()) for p in files.glob("*.txt")} - failed
-        for doc in index._docs.values():
+        for doc in index.live.all():
             assert all(key in index.store for key in doc.chunk_keys)
 
 

@@ -266,7 +266,7 @@ def test_two_processes_building_one_store_end_consistent(llm, tmp_path):
     index = ContextIndex.load(tmp_path / "ix", llm)
     assert [d.doc_id for d in index.documents()] == sorted(d.doc_id for d in index.documents()) or len(index) == 4
     assert sorted(d.doc_id for d in index.documents()) == [f"doc{i}" for i in range(4)]
-    for d in index._docs.values():
+    for d in index.live.all():
         for key in d.chunk_keys:
             assert index.store.get_chunk(key) is not None
     assert index.store.stats["corrupt"] == 0 and index.store.stats["refused"] == 0
@@ -315,7 +315,7 @@ def test_pickle_planted_in_index_is_refused_and_recomputed(llm, tmp_path):
     before = answer_key(index.query(QUESTIONS[3], max_new_tokens=6))
     marker = tmp_path / "pwned"
     raw = diskcache.Cache(str(tmp_path / "ix" / "nodes"))
-    for d in index._docs.values():
+    for d in index.live.all():
         for key in d.chunk_keys:
             raw.set(key, _Boom(str(marker)))
     raw.close()
@@ -328,7 +328,7 @@ def test_pickle_planted_in_index_is_refused_and_recomputed(llm, tmp_path):
 def test_eviction_then_recompute(llm, tmp_path):
     index = build(llm, tmp_path / "ix", size_limit=60_000)
     assert index.store.stats["volume_bytes"] <= 60_000 + 20_000
-    total = sum(d.n_chunks for d in index._docs.values())
+    total = sum(d.n_chunks for d in index.live.all())
     assert len(index.store) < total  # evicted
     ans = index.query(QUESTIONS[4], max_new_tokens=4, top_k_chunks=8)
     assert ans.stats["chunks_encoded"] + ans.stats["chunks_cached"] == ans.stats["chunks_selected"]

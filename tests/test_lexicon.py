@@ -18,7 +18,7 @@ from conftest import make_llm
 from sharedctx import ContextIndex
 from sharedctx.index.documents import _Doc
 from sharedctx.index.lexicon import ChunkLexicon, LexiconFiles, Segment, chunk_texts
-from sharedctx.index.retrieval import Forest
+from sharedctx.index.forest import Forest
 from sharedctx.ops.scoring import BM25
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,7 +145,7 @@ def build(llm, store: Path, texts=TEXTS) -> list[list[tuple]]:
 
 
 def index_view(index: ContextIndex):
-    return index._forest_view().lexicon()
+    return index.live.forest().lexicon()
 
 
 def test_index_ranks_as_the_scan_and_persisted_equals_counted(lexical_llm, tmp_path):
@@ -153,10 +153,10 @@ def test_index_ranks_as_the_scan_and_persisted_equals_counted(lexical_llm, tmp_p
     with open_index(lexical_llm, tmp_path / "ix") as index:
         assert answers(index) == expected
         view = index_view(index)
-        assert_same_as_bm25(view, list(index._docs.values()))
+        assert_same_as_bm25(view, index.live.all())
         files = LexiconFiles(tmp_path / "ix" / "lexicon")
         assert sorted(files.ids()) == sorted(TEXTS)
-        for doc in index._docs.values():  # what is on disk is what counting the record gives
+        for doc in index.live.all():  # what is on disk is what counting the record gives
             kept, state = files.load(doc.doc_id, Segment.of(doc).checksum)
             fresh = Segment.of(doc)
             assert state == "ok" and kept.terms == fresh.terms
@@ -238,7 +238,7 @@ def test_other_writers_and_merged_shards_are_followed(lexical_llm, tmp_path, cap
         reader.merge([tmp_path / "shard"])
         assert reader.retrieve(ASK[2])[0].doc_id == "zebra"
     assert "counted the words" not in caplog.text  # the merge wrote the shard's counts with its records
-    assert_same_as_bm25(index_view(reader), list(reader._docs.values()))
+    assert_same_as_bm25(index_view(reader), reader.live.all())
     reader.delete("baker")
     assert sorted(reader.lexicon.files.ids()) == ["keeper", "zebra"]
     from sharedctx.index import DocumentTable
@@ -247,7 +247,7 @@ def test_other_writers_and_merged_shards_are_followed(lexical_llm, tmp_path, cap
     table.delete("keeper")
     table.close()
     reader.refresh()
-    assert_same_as_bm25(index_view(reader), list(reader._docs.values()))
+    assert_same_as_bm25(index_view(reader), reader.live.all())
     assert "keeper" in reader.lexicon.files.ids()  # an orphan until pruned
     reader.prune()
     assert reader.lexicon.files.ids() == ["zebra"]
@@ -284,11 +284,11 @@ def test_a_quarantined_document_leaves_the_lexicon_and_returns_restored(lexical_
     (sources / "baker.txt").rename(sources / "away.txt")  # not restorable: the document is gone from the index
     with open_index(lexical_llm, store) as index:
         assert "baker" not in index and [q.doc_id for q in index.quarantined()] == ["baker"]
-        assert_same_as_bm25(index_view(index), list(index._docs.values()))
+        assert_same_as_bm25(index_view(index), index.live.all())
     (sources / "away.txt").rename(sources / "baker.txt")  # its source is back: restored when opened
     with open_index(lexical_llm, store) as index:  # (restored as a new document: it comes last, so ties may differ)
         assert "baker" in index and index.retrieve(ASK[1])[0].doc_id == "baker"
-        assert_same_as_bm25(index_view(index), list(index._docs.values()))
+        assert_same_as_bm25(index_view(index), index.live.all())
 
 
 def damage_record_of(store: Path, doc_id: str, damage) -> None:
@@ -338,7 +338,7 @@ def test_an_index_counted_before_stemming_upgrades_itself_once(lexical_llm, tmp_
     files = LexiconFiles(store / "lexicon")
     with open_index(lexical_llm, store) as index:
         for doc_id in TEXTS:  # written back, stemmed
-            seg, state = files.load(doc_id, lexicon_module.doc_checksum(index._docs[doc_id]))
+            seg, state = files.load(doc_id, lexicon_module.doc_checksum(index.live.get(doc_id)))
             assert state == "ok" and seg.tokenizer == tokenizer_id()
             assert doc_id != "keeper" or ("lighthous" in seg.terms and "lighthouse" not in seg.terms)
     files.close()

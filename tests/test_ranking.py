@@ -128,7 +128,7 @@ def test_hybrid_ranking_finds_the_reworded_chunk_that_bm25_misses(small_llm, tmp
         assert index.policy == "lexical" and embedder.calls == []  # embedded when a question first needs it
         assert top_doc(index, QUESTION) == "museum_founded"  # BM25 2nd + embeddings 1st beats BM25 1st + embeddings 3rd
         n = index.embeddings.counts["pieces_embedded"]
-        assert n == sum(len(piece_texts(d, 128)[0]) for d in index._docs.values()) > 0
+        assert n == sum(len(piece_texts(d, 128)[0]) for d in index.live.all()) > 0
         top_doc(index, "museum")
         assert index.embeddings.counts["pieces_embedded"] == n  # cached
         index.add_text("The museum was set up by sailors. ", doc_id="late")
@@ -142,11 +142,11 @@ def test_a_chunk_scores_its_best_piece(small_llm, tmp_path):
     text = "The harbour museum was founded long ago. " + "Nets and ropes lie on the quay. " * 30
     with ContextIndex(small_llm, None, encode="lazy", policy="lexical", embedder=ConceptEmbedder(), max_batch_queries=1) as index:
         index.add_text(text, doc_id="d")
-        doc = index._docs["d"]
+        doc = index.live.get("d")
         pieces, owners = piece_texts(doc, 16)
         assert len(pieces) > doc.n_chunks and sorted(owners) == owners
         assert "".join(pieces).replace(" ", "") in text.replace(" ", "")  # pieces tile the chunks, in order
-        view = index.embeddings.view(list(index._docs.values()))
+        view = index.embeddings.view(index.live.all())
         s = view.scores(QUESTION)
         assert s.shape == (doc.n_chunks,) and float(s[0]) == pytest.approx(float(s.max()))
 

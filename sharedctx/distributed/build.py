@@ -291,8 +291,7 @@ def _encode(chunks: Any, roots: dict[str, np.ndarray], load: Callable[[], Any], 
 
 def _write_records(index: ContextIndex, docs: Any, needed: dict[str, str], roots: dict[str, np.ndarray], report: BuildReport) -> None:
     """Write the record of every document whose chunks are all in the store; list the others as failed."""
-    with index._lock:
-        known = {k: d.root_keys[i] for d in index._docs.values() for i, k in enumerate(d.chunk_keys)}
+    known = index.live.known_roots()
     for row in docs.iter_rows():
         doc_id, where = row["doc_id"], row["source"] or row["doc_id"]
         if row["error"]:

@@ -23,25 +23,23 @@ import hashlib
 import logging
 import os
 import tempfile
-import threading
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
 from ..concurrency import MicroBatcher
-from ..config import DEFAULT_MODE, POLICIES
+from ..config import DEFAULT_MODE
 from ..errors import (
     InputError,
     ReadOnlyIndexError,
     StoreError,
-    StoreMismatchError,
     UnreadableFileError,
 )
 from ..generation import GenerationRequest, complete, make_request
-from ..injection import Injection
 from ..model import SharedLLM
 from ..stats import Completion
 from .directory import check_store_directory, make_store_directory, prune_store
@@ -50,16 +48,18 @@ from .documents import (
     DocumentTable,
     QuarantinedDocument,
     _Doc,
-    _iter_files,
     read_document,
 )
-from .ingest import ChunkCounts, chunk_nodes, ingest_text
+from .forest import LiveDocuments
+from .ingest import ChunkCounts, build_document, chunk_nodes, files_to_add
 from .embedding import ChunkEmbeddings, Embedder
-from .lexicon import ChunkLexicon, LexiconFiles, Segment
+from .lexicon import ChunkLexicon, Segment
 from .answering import PreparedQuery, QueryOptions, by_score
 from .results import AddResult, Answer, BuildReport, Citation, DocumentInfo
-from .retrieval import Forest, Retrieved, passage_prompt, retrieve
-from .store import DEFAULT_SIZE_LIMIT, MergeReport, TreeStore, merge_stores
+from .merging import merge_into
+from .retrieval import Retrieved, passage_prompt, retrieve
+from .settings import settle
+from .store import DEFAULT_SIZE_LIMIT, MergeReport, TreeStore
 
 __all__ = ["ContextIndex", "merge_into"]
 
@@ -131,67 +131,38 @@ class ContextIndex:
         embedder: str | Embedder | None = None,
         read_only: bool = False,
     ) -> None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if batch_chunks < 1:
-            raise ValueError(f"batch_chunks must be >= 1, got {batch_chunks}")
         if max_batch_queries < 1:
             raise ValueError(f"max_batch_queries must be >= 1, got {max_batch_queries}")
         if llm.tokenizer is None:
             raise ValueError("a ContextIndex needs a SharedLLM with a tokenizer (documents are text)")
-        held: dict[str, Any] = {}
         exists = store is not None and check_store_directory(store)  # nothing is created before the options are checked
         if read_only and not exists:
             raise StoreError(f"read_only=True opens an index built before; {store} holds none: build it first with ContextIndex(llm, store=...)")
-        if exists:
-            table = DocumentTable(store, read_only=read_only)
-            held = table.manifest() or {}
-            table.close()
+        held = (_manifest_of(store, read_only) or {}) if exists else {}
         self._options = {k: v for k, v in (("policy", policy), ("encode", encode)) if v is not None}  # given, to record
-        if policy is None:
-            policy = held.get("policy") or llm.config.policy
-        if encode is None:
-            encode = held.get("encode") or "eager"
-            if encode == "lazy" and policy != "lexical":
-                encode = "eager"  # asked for a key-based policy: new documents get keys; lazy ones say what to do
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if expand_margin is not None and policy not in ("query", "lexical"):
-            raise ValueError(f"expand_margin needs the 'query' or 'lexical' policy, not {policy!r}")
-        if embedder is not None and policy != "lexical":
-            raise ValueError(f"embedder= fuses embedding similarity with the BM25 ranks of the 'lexical' policy; the {policy!r} "
-                             "policy ranks chunks by keys: use policy='lexical' with it")
-        self.policy = policy
-        if encode not in ("eager", "lazy"):
-            raise ValueError(f"encode must be 'eager' or 'lazy', got {encode!r}")
-        if encode == "lazy" and policy != "lexical":
-            raise ValueError(
-                f"encode='lazy' needs policy='lexical': the {policy!r} policy ranks chunks by keys that only encoding "
-                "makes; use encode='eager' with it"
-            )
-        self.encode = encode
+        #: how this index retrieves and builds (`sharedctx.index.settings`)
+        self.settings, self.build_options = settle(
+            held, llm.config.policy, policy=policy, encode=encode, top_k=top_k, batch_chunks=batch_chunks, min_fill=min_fill,
+            max_states=max_injected_states, expand_margin=expand_margin, hybrid=embedder is not None)
+        self.policy, self.encode = self.settings.policy, self.build_options.encode
         self.llm = llm
         self.read_only = read_only
         if store is not None and not read_only:
             make_store_directory(Path(store))
         self._tmp = tempfile.TemporaryDirectory(prefix="sharedctx-index-") if store is None else None
         self.directory = Path(self._tmp.name if self._tmp else store)
-        self.top_k = top_k
-        self.max_injected_states = max_injected_states
-        self.expand_margin = expand_margin
-        self.batch_chunks = batch_chunks
-        self.min_fill = min_fill
+        self.top_k, self.max_injected_states, self.expand_margin = top_k, max_injected_states, expand_margin
+        self.batch_chunks, self.min_fill = batch_chunks, min_fill
         self.signature = llm.config.lower_signature()
         self.fingerprint = llm.fingerprint
         self.table = DocumentTable(self.directory, read_only=read_only)
         self.table.bind(self._manifest())
         self.store = TreeStore(self.directory / "nodes", size_limit=size_limit, fingerprint=self.fingerprint, signature=self.signature,
                                read_only=read_only)
-        self._lock = threading.RLock()
-        self._docs: dict[str, _Doc] = {}
-        self._forest: Forest | None = None
         #: BM25 postings of every chunk's text, kept in DIR/lexicon beside the documents (`sharedctx.index.lexicon`)
         self.lexicon = ChunkLexicon(self.directory / "lexicon", read_only=read_only)
+        #: the documents in memory and the forest over them (`sharedctx.index.forest`)
+        self.live = LiveDocuments(llm.base.config.hidden_size, self.lexicon, rank_by_lexicon=self.policy == "lexical")
         #: the hybrid ranker's embedder and chunk embeddings (`sharedctx.index.embedding`), or None: BM25 alone
         self.embeddings = ChunkEmbeddings(embedder) if embedder is not None else None
         self.counters = {"chunks_encoded": 0, "chunks_cached": 0}
@@ -218,12 +189,8 @@ class ContextIndex:
     def load(cls, directory: str | os.PathLike, llm: SharedLLM, **options: Any) -> ContextIndex:
         """Open an index built before, with the policy and encode mode it was built with unless ``options`` say
         otherwise; refuses one built by another base model or lower-side configuration."""
-        directory, manifest = Path(directory), None
-        if check_store_directory(directory):
-            table = DocumentTable(directory, read_only=bool(options.get("read_only")))
-            manifest = table.manifest()
-            table.close()
-        if manifest is None:
+        directory = Path(directory)
+        if not check_store_directory(directory) or _manifest_of(directory, bool(options.get("read_only"))) is None:
             raise StoreError(f"{directory} holds no sharedctx index; build one with ContextIndex(llm, store={str(directory)!r})")
         return cls(llm, directory, **options)
 
@@ -233,14 +200,12 @@ class ContextIndex:
         if directory is None or Path(directory).resolve() == self.directory.resolve():
             return self.directory
         target = ContextIndex(self.llm, directory, size_limit=self.store.size_limit, policy=self.policy, encode=self.encode)
-        with self._lock:
-            docs = list(self._docs.values())
-        for doc in docs:
+        for doc in self.live.all():
             for key, c in zip(doc.chunk_keys, range(doc.n_chunks)):
                 if key not in target.store:
                     if self.encode == "lazy" and key not in self.store:
                         continue  # never needed yet: the copy encodes it when a query does
-                    nodes = chunk_nodes(self, doc, c, ChunkCounts())
+                    nodes = chunk_nodes(self.store, self.llm.encoder, doc, c, ChunkCounts())
                     target.store.put_chunk(key, nodes, n_tokens=doc.chunk_ids(c).numel())
             target.table.put(doc)
             target.lexicon.files.save(Segment.of(doc))
@@ -254,27 +219,22 @@ class ContextIndex:
         from this index's copy when it holds one, else restored from its source file when that file still holds the
         same text (same SHA-256); the others are logged and listed by `quarantined` with how to restore them.
         A ``read_only`` index only logs damaged records."""
-        ids = set(self.table.ids())
-        with self._lock:
-            for doc_id in list(self._docs):
-                if doc_id not in ids:
-                    del self._docs[doc_id]
-            for doc_id in ids:
+        held: dict[str, _Doc] = {}
+        with self.live.lock:
+            for doc_id in self.table.ids():
                 doc = self.table.get(doc_id)
                 if doc is None:
-                    held = self._docs.get(doc_id)
-                    if held is not None and not self.read_only:  # damaged on disk while this index holds a sound copy: write it back
-                        self.table.put(held)
+                    doc = self.live.get(doc_id)
+                    if doc is not None and not self.read_only:  # damaged on disk while this index holds a sound copy: write it back
+                        self.table.put(doc)
                         logger.warning("index %s: rewrote the damaged record of document %r from memory", self.directory, doc_id)
-                    continue
-                old = self._docs.get(doc_id)
-                if old is None or old.chunk_keys != doc.chunk_keys or old.seq != doc.seq:
-                    self._docs[doc_id] = doc
-            self._forest = None
+                if doc is not None:
+                    held[doc_id] = doc
+            self.live.sync(held)
             for q in self.table.quarantined():
                 if q.restorable and not self.read_only and q.source is not None:
                     try:
-                        ingest_text(self, q.doc_id, read_document(q.source), dict(q.metadata), q.source)
+                        self._add(q.doc_id, read_document(q.source), dict(q.metadata), q.source)
                     except Exception as exc:  # reported below with the way to restore it by hand
                         q.why_not = f"restoring it from {q.source} failed ({exc})"
                         q.restorable = False
@@ -284,7 +244,7 @@ class ContextIndex:
                         continue
                 logger.warning("index %s: %s", self.directory, q.advice(self.directory))
             # the lexicon follows the documents; loaded now when the policy ranks by it
-            self.lexicon.sync(self._docs.values(), load=self.policy == "lexical")
+            self.lexicon.sync(self.live.all(), load=self.policy == "lexical")
 
     def quarantined(self) -> list[QuarantinedDocument]:
         """Documents whose records are damaged and set aside (bytes kept), each with how to restore it."""
@@ -314,28 +274,24 @@ class ContextIndex:
 
     # ------------------------------------------------------------------ documents
     def documents(self) -> list[DocumentInfo]:
-        with self._lock:
-            docs = sorted(self._docs.values(), key=lambda d: (d.seq, d.doc_id))
-        return [d.info() for d in docs]
+        return [d.info() for d in self.live.all()]
 
     def __len__(self) -> int:
-        return len(self._docs)
+        return len(self.live)
 
     def __contains__(self, doc_id: str) -> bool:
-        return doc_id in self._docs
+        return doc_id in self.live
 
     def delete(self, doc_id: str) -> None:
         """Remove a document (its chunks stay in the store for other documents until evicted or `prune`d), also one
         whose record is damaged and quarantined (see `quarantined`)."""
         self._writable("delete a document")
-        with self._lock:
-            known = doc_id in self._docs or self.table.get(doc_id) is not None
+        with self.live.lock:
+            known = doc_id in self.live or self.table.get(doc_id) is not None
             if not known and doc_id not in {q.doc_id for q in self.table.quarantined()}:
                 raise DocumentNotFoundError(f"no document {doc_id!r} in the index {self.directory}; see documents()")
             self.table.delete(doc_id)
-            self._docs.pop(doc_id, None)
-            self.lexicon.remove(doc_id)
-            self._forest = None
+            self.live.remove(doc_id)
 
     def prune(self) -> int:
         """Delete stored chunks no document refers to (the nodes `delete` leaves behind); returns how many.
@@ -343,9 +299,7 @@ class ContextIndex:
         Safe while other processes read or build the same index: see `prune_store`. Also ``sharedctx index prune``.
         """
         self._writable("prune the store")
-        with self._lock:
-            mine = {k for d in self._docs.values() for k in d.chunk_keys}
-        removed = prune_store(self.table, self.store, keep=mine)
+        removed = prune_store(self.table, self.store, keep=self.live.chunk_keys())
         self.lexicon.prune(self.table.ids())  # word counts of documents removed by other processes
         return removed
 
@@ -379,10 +333,21 @@ class ContextIndex:
 
     def _ingest(self, doc_id: str, text: str, metadata: Mapping[str, Any] | None, source: str | None) -> AddResult:
         self._writable("add a document")
-        result = ingest_text(self, doc_id, text, dict(metadata or {}), source)
+        result = self._add(doc_id, text, dict(metadata or {}), source)
         if self._options:  # options given explicitly: the next opening uses them
             self.table.remember(**self._options)
             self._options = {}
+        return result
+
+    def _add(self, doc_id: str, text: str, metadata: dict[str, Any], source: str | None) -> AddResult:
+        """Build the document's chunks into the store, then write its record and word counts (in that order: a
+        failed build leaves no record behind)."""
+        with self.live.lock:
+            old, known = self.live.get(doc_id), self.live.known_roots()
+        doc, result = build_document(self.llm, self.store, doc_id, text, metadata, source, old=old, known=known, options=self.build_options)
+        if doc is not None:
+            self.table.put(doc)
+            self.live.put(doc, self.lexicon.segment(doc))  # its word counts, written after the record (sharedctx.index.lexicon)
         return result
 
     def add_many(
@@ -400,17 +365,8 @@ class ContextIndex:
         from tqdm.auto import tqdm
 
         self._writable("add documents")
-        report = BuildReport()
-        work: list[Path] = []
-        for item in paths:
-            if not isinstance(item, (str, os.PathLike)):
-                raise InputError(f"add_many() takes paths, got {type(item).__name__}; add texts with add_text()")
-            for path, reason in _iter_files(Path(item), follow_links=follow_links):
-                if reason is None:
-                    work.append(path)
-                else:
-                    logger.warning("skipping %s: %s", path, reason)
-                    report.skipped.append((str(path), reason))
+        work, skipped = files_to_add(paths, follow_links=follow_links)
+        report = BuildReport(skipped=skipped)
         with tqdm(total=len(work), unit="doc", desc="indexing", disable=not show_progress) as bar:
             for path in work:
                 try:
@@ -436,13 +392,6 @@ class ContextIndex:
         return report
 
     # ------------------------------------------------------------------ retrieval
-    def _forest_view(self) -> Forest:
-        with self._lock:
-            if self._forest is None:
-                lexicon = self.lexicon if self.policy == "lexical" else None  # its view is made here, under the lock
-                self._forest = Forest.of(list(self._docs.values()), self.llm.base.config.hidden_size, lexicon)
-            return self._forest
-
     def retrieve(self, question: str, *, top_k_chunks: int | None = None, max_injected_states: int | None = None) -> list[Citation]:
         """The nodes a query selects, as citations with text, best score first (usable with any text LLM)."""
         citations, found = self._retrieve(question, top_k_chunks, max_injected_states)
@@ -455,12 +404,16 @@ class ContextIndex:
             raise InputError("the question is empty")
         if question_ids is None and self.policy != "lexical":  # the key-based policies read the question's query key
             question_ids = self.llm.prompt_ids(question)[0]
-        found = retrieve(self, None if question_ids is None else question_ids.cpu(), question, top_k_chunks,
-                         max_states or self.max_injected_states)
+        forest = self.live.forest()
+        if not forest.entries:
+            raise InputError(f"the index {self.directory} holds no documents; add some first")
+        settings = replace(self.settings, top_k=top_k_chunks or self.top_k, max_states=max_states or self.max_injected_states)
+        found = retrieve(self.llm, forest, question, None if question_ids is None else question_ids.cpu(), settings=settings,
+                         load_chunk=partial(chunk_nodes, self.store, self.llm.encoder), embeddings=self.embeddings)
         return found.citations(self.llm.config.node_keep, self.llm.config.sampling), found
 
     def _count(self, counts: ChunkCounts) -> None:
-        with self._lock:
+        with self.live.lock:
             self.counters["chunks_encoded"] += counts.chunks_encoded
             self.counters["chunks_cached"] += counts.chunks_cached
 
@@ -534,46 +487,10 @@ class ContextIndex:
         return dict(self._batcher.stats) if self._batcher is not None else {"batches": 0, "items": 0, "largest": 0}
 
 
-def merge_into(table: DocumentTable, store: TreeStore, shards: Iterable[str | os.PathLike]) -> MergeReport:
-    """Merge ``shards`` into the index of ``table`` and ``store`` (usable without a model; see `ContextIndex.merge`).
-
-    A shard is a node store (a directory `TreeStore` bound to a model) or an index directory (``docs`` and
-    ``nodes``). All shards are checked against the index's manifest before anything is copied."""
-    held = table.manifest() or {}
-    mine = {k: held.get(k) for k in ("fingerprint", "signature")}
-    nodes: list[Path] = []
-    indexes: list[Path] = []
-    for shard in map(Path, shards):
-        if (shard / "docs").is_dir():
-            theirs = DocumentTable(shard)
-            manifest = theirs.manifest() or {}
-            theirs.close()
-            if {k: manifest.get(k) for k in mine} != mine:
-                raise StoreMismatchError(
-                    f"the index {shard} was built by base model {manifest.get('fingerprint')} with lower-side options "
-                    f"{manifest.get('signature')}; the target {table.directory} by {mine['fingerprint']} with "
-                    f"{mine['signature']}. Merge only indexes built with the same model and options"
-                )
-            indexes.append(shard)
-            nodes.append(shard / "nodes")
-        else:
-            nodes.append(shard)
-    report = merge_stores(store, nodes)
-    lexicon = LexiconFiles(table.directory / "lexicon")  # the copied documents' word counts
-    for shard in indexes:
-        theirs = DocumentTable(shard)
-        try:
-            for doc_id in theirs.ids():
-                doc = theirs.get(doc_id)
-                if doc is None:
-                    continue
-                old = table.get(doc_id)
-                if old is not None and old.seq >= doc.seq:
-                    continue
-                table.put(doc)
-                lexicon.save(Segment.of(doc))
-                report.documents_added += 1
-        finally:
-            theirs.close()
-    lexicon.close()
-    return report
+def _manifest_of(directory: str | os.PathLike, read_only: bool) -> dict[str, Any] | None:
+    """The manifest of the index in ``directory`` (None when it holds none)."""
+    table = DocumentTable(directory, read_only=read_only)
+    try:
+        return table.manifest()
+    finally:
+        table.close()

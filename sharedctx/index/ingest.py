@@ -1,5 +1,6 @@
 """Adding documents to a ContextIndex: cut into content-defined chunks, encode the chunks the store lacks (in
-padded batches, through the model's one `LowerEncoder`), store their nodes, then write the document record.
+padded batches, through the model's one `LowerEncoder`) and store their nodes; the document's record is returned for
+the index to write (`build_document`).
 
 A chunk is content-addressed: chunks already in the store are reused, never encoded twice; a chunk missing from
 the store when a query needs it (evicted, corrupt, or left for later by ``encode="lazy"``) is encoded then.
@@ -8,22 +9,24 @@ the store when a query needs it (evicted, corrupt, or left for later by ``encode
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..encoder import ChunkNodes
+from ..encoder import ChunkNodes, LowerEncoder
 from ..errors import InputError, StoreError
+from ..model import SharedLLM
 from .chunking import chunk_text
-from .documents import _Doc
+from .documents import _Doc, _iter_files
 from .results import AddResult
+from .settings import BuildOptions
+from .store import TreeStore
 
-#: a `ContextIndex` (not imported here: facade.py imports this module)
-ContextIndex = Any
-
-__all__ = ["ChunkCounts", "ingest_text", "chunk_nodes"]
+__all__ = ["ChunkCounts", "build_document", "chunk_nodes", "files_to_add"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +43,23 @@ class ChunkCounts:
         self.chunks_cached += other.chunks_cached
 
 
-def ingest_text(index: ContextIndex, doc_id: str, text: str, metadata: dict[str, Any], source: str | None) -> AddResult:
-    """Add (or replace) the document ``doc_id`` of ``text``; the record is written last, so a failed build leaves
-    no record behind."""
-    llm = index.llm
-    with index._lock:
-        old = index._docs.get(doc_id)
-        known = {k: d.root_keys[i] for d in index._docs.values() for i, k in enumerate(d.chunk_keys)}
+def build_document(
+    llm: SharedLLM,
+    store: TreeStore,
+    doc_id: str,
+    text: str,
+    metadata: dict[str, Any],
+    source: str | None,
+    *,
+    old: _Doc | None,
+    known: Mapping[str, torch.Tensor],
+    options: BuildOptions,
+) -> tuple[_Doc | None, AddResult]:
+    """The record of document ``doc_id`` of ``text`` with its chunks in ``store``: chunks the store lacks are encoded
+    and stored (unless deferred by ``encode="lazy"``). ``known`` gives the root keys of chunks the index's documents
+    hold, ``old`` the document this one replaces. Returns the record to write (None when ``old`` is the same
+    document: nothing to write) and what adding did. Nothing but the store is written here: the caller writes the
+    record, after the chunks, so a failed build leaves no record behind."""
     ids_parts, off_parts, keys, roots = [], [], [], []
     pending: dict[str, list[int]] = {}
     pending_ids: dict[str, torch.Tensor] = {}
@@ -61,17 +74,17 @@ def ingest_text(index: ContextIndex, doc_id: str, text: str, metadata: dict[str,
         order = list(pending)
         nodes = llm.encoder.encode_chunks([pending_ids[k] for k in order])
         for k, chunk in zip(order, nodes):
-            index.store.put_chunk(k, chunk, n_tokens=pending_ids[k].numel())
+            store.put_chunk(k, chunk, n_tokens=pending_ids[k].numel())
             for i in pending[k]:
                 roots[i] = chunk[(0, 0)].key
         encoded += len(order)
         pending.clear()
         pending_ids.clear()
 
-    for chunk in chunk_text(text, llm.tokenizer, llm.config.chunk_size, min_fill=index.min_fill):
+    for chunk in chunk_text(text, llm.tokenizer, llm.config.chunk_size, min_fill=options.min_fill):
         if chunk.ids.numel() and int(chunk.ids.max()) >= vocab:
             raise InputError(f"the tokenizer produced id {int(chunk.ids.max())} outside the model's vocabulary of {vocab}")
-        key = index.store.key(chunk.ids)
+        key = store.key(chunk.ids)
         ids_parts.append(chunk.ids)
         off_parts.append(chunk.offsets)
         keys.append(key)
@@ -81,32 +94,32 @@ def ingest_text(index: ContextIndex, doc_id: str, text: str, metadata: dict[str,
             pending[key].append(i)
             reused += 1
             continue
-        if key in known and key in index.store:
+        if key in known and key in store:
             roots[i] = known[key]
             reused += 1
             continue
-        stored = index.store.get_chunk(key)
+        stored = store.get_chunk(key)
         if stored is not None and (0, 0) in stored and stored[(0, 0)].key is not None:
             roots[i] = stored[(0, 0)].key
             reused += 1
             continue
-        if index.encode == "lazy":
+        if options.encode == "lazy":
             roots[i] = unknown_root
             deferred += 1
             continue
         pending[key] = [i]
         pending_ids[key] = chunk.ids
-        if len(pending) >= index.batch_chunks:
+        if len(pending) >= options.batch_chunks:
             flush()
     flush()
     if not keys:
         raise InputError(f"document {doc_id!r} has no tokens to index")
     ids = torch.cat(ids_parts)
     lengths = torch.tensor([0] + [p.numel() for p in ids_parts])
-    result = AddResult(doc_id, int(ids.numel()), len(keys), encoded, reused, chunks_deferred=deferred)
+    result = AddResult(doc_id, int(ids.numel()), len(keys), encoded, reused, chunks_deferred=deferred, replaced=old is not None)
     if old is not None and old.chunk_keys == keys and old.text == text and old.metadata == metadata:
-        result.unchanged = True
-        return result
+        result.unchanged, result.replaced = True, False
+        return None, result
     doc = _Doc(
         doc_id=doc_id,
         seq=old.seq if old is not None else time.time_ns(),
@@ -119,33 +132,43 @@ def ingest_text(index: ContextIndex, doc_id: str, text: str, metadata: dict[str,
         metadata=metadata,
         source=source,
     )
-    index.table.put(doc)
-    segment = index.lexicon.segment(doc)  # its word counts, written after the record (see sharedctx.index.lexicon)
-    with index._lock:
-        result.replaced = old is not None
-        index._docs[doc_id] = doc
-        index.lexicon.put(doc, segment)
-        index._forest = None
-    return result
+    return doc, result
 
 
-def chunk_nodes(index: ContextIndex, doc: _Doc, c: int, counts: ChunkCounts) -> ChunkNodes:
-    """A chunk's nodes from the store, or encoded again (and stored, unless the index is read-only) when missing,
+def chunk_nodes(store: TreeStore, encoder: LowerEncoder, doc: _Doc, c: int, counts: ChunkCounts) -> ChunkNodes:
+    """A chunk's nodes from the store, or encoded again (and stored, unless the store is read-only) when missing,
     evicted or corrupt."""
     key = doc.chunk_keys[c]
-    nodes = index.store.get_chunk(key)
+    nodes = store.get_chunk(key)
     if nodes is not None:
         counts.chunks_cached += 1
         return nodes
     ids = doc.chunk_ids(c)
-    if index.store.key(ids) != key:
+    if store.key(ids) != key:
         raise StoreError(f"document {doc.doc_id!r} is inconsistent (chunk {c} does not match its address); add it again")
-    nodes = index.llm.encoder.encode_chunks([ids])[0]
+    nodes = encoder.encode_chunks([ids])[0]
     counts.chunks_encoded += 1
-    if index.store.read_only:  # a read-only index encodes in memory only
+    if store.read_only:  # a read-only index encodes in memory only
         return nodes
     try:
-        index.store.put_chunk(key, nodes, n_tokens=ids.numel())
+        store.put_chunk(key, nodes, n_tokens=ids.numel())
     except StoreError as exc:  # answering still works; the next query encodes it again
         logger.warning("could not store chunk %d of %r: %s", c, doc.doc_id, exc)
     return nodes
+
+
+def files_to_add(paths: Iterable[str | os.PathLike], *, follow_links: bool) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The text files under ``paths`` (files, and directories walked recursively, hidden entries skipped), and the
+    entries skipped with why (logged): see `ContextIndex.add_many`."""
+    work: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for item in paths:
+        if not isinstance(item, (str, os.PathLike)):
+            raise InputError(f"add_many() takes paths, got {type(item).__name__}; add texts with add_text()")
+        for path, reason in _iter_files(Path(item), follow_links=follow_links):
+            if reason is None:
+                work.append(path)
+            else:
+                logger.warning("skipping %s: %s", path, reason)
+                skipped.append((str(path), reason))
+    return work, skipped

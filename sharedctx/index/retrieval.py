@@ -10,12 +10,13 @@ states are read from the store only when injected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from ..errors import InputError
+from ..encoder import ChunkNodes
 from ..model import SharedLLM
 from ..ops.sampling import sample_indices
 from ..ops.scoring import cosine_scores, reciprocal_rank_fusion
@@ -23,68 +24,21 @@ from ..policy import (
     Scorer,
     SelectedNode,
     Selection,
-    chunk_state_budget,
     make_chooser,
     make_scorer,
     rank_chunks,
     walk_trees,
 )
 from .documents import _Doc
-from .embedding import ChunkEmbeddings, DenseView
-from .ingest import ChunkCounts, chunk_nodes
-from .lexicon import ChunkLexicon, LexiconView
+from .embedding import ChunkEmbeddings
+from .forest import Forest
+from .ingest import ChunkCounts
 from .results import Citation
+from .settings import RetrievalSettings
 
-#: a `ContextIndex` (not imported here: facade.py imports this module)
-ContextIndex = Any
-
-__all__ = ["Forest", "Retrieved", "retrieve", "PassagePrompt", "passage_prompt", "render_passages", "text_prompt", "TEXT_PROMPT"]
+__all__ = ["ChunkLoader", "Retrieved", "retrieve", "PassagePrompt", "passage_prompt", "render_passages", "text_prompt", "TEXT_PROMPT"]
 
 TEXT_PROMPT = "Answer the question using the context passages.\n\n{passages}\n\nQuestion: {question}"
-
-
-@dataclass
-class Forest:
-    """Every chunk of every document in document order, their root keys and token counts, and BM25 over their
-    text (a `LexiconView` of the index's kept lexicon, else one counted on first use). Rebuilt when documents
-    change."""
-
-    entries: list[tuple[_Doc, int]]
-    root_keys: torch.Tensor  # (n_chunks, hidden)
-    n_tokens: list[int]  # (n_chunks,) tokens of each chunk
-    docs: list[_Doc] = field(default_factory=list, repr=False)
-    _lexicon: LexiconView | None = field(default=None, repr=False)
-    _dense: DenseView | None = field(default=None, repr=False)
-    _budgets: dict[tuple, list[int]] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def of(cls, docs: list[_Doc], hidden: int, lexicon: ChunkLexicon | None = None) -> Forest:
-        """The forest of ``docs``; with ``lexicon`` (the index's), its view of them is made now, under the caller's
-        lock, so that the documents and their statistics are the same set."""
-        docs = sorted(docs, key=lambda d: (d.seq, d.doc_id))
-        entries = [(d, c) for d in docs for c in range(d.n_chunks)]
-        keys = torch.cat([d.root_keys for d in docs]) if docs else torch.zeros(0, hidden)
-        n_tokens = torch.cat([d.bounds.diff() for d in docs]).tolist() if docs else []
-        return cls(entries, keys, n_tokens, docs, None if lexicon is None else lexicon.view(docs))
-
-    def lexicon(self) -> LexiconView:
-        if self._lexicon is None:
-            self._lexicon = ChunkLexicon().view(self.docs)
-        return self._lexicon
-
-    def dense(self, embeddings: ChunkEmbeddings) -> DenseView:
-        """The piece embeddings of the forest's chunks (documents not embedded yet are embedded now, once)."""
-        if self._dense is None:
-            self._dense = embeddings.view(self.docs)
-        return self._dense
-
-    def budgets(self, *, keep: int, height: int, expand_margin: float | None) -> list[int]:
-        """`chunk_state_budget` of every chunk, computed once per forest (not per query)."""
-        key = (keep, height, expand_margin)
-        if key not in self._budgets:
-            memo = {n: chunk_state_budget(n, keep=keep, height=height, expand_margin=expand_margin) for n in set(self.n_tokens)}
-            self._budgets[key] = [memo[n] for n in self.n_tokens]
-        return self._budgets[key]
 
 
 @dataclass
@@ -113,14 +67,29 @@ class Retrieved:
         return out
 
 
-def retrieve(index: ContextIndex, prompt_ids: torch.Tensor, question: str, top_k: int | None, max_states: int | None) -> Retrieved:
-    """Rank the forest's chunks for ``question``, keep the best, walk their trees (see the module's docstring)."""
-    forest = index._forest_view()
+#: a kept chunk's nodes from the store (or encoded again): ``load(document, chunk, counts)``
+ChunkLoader = Callable[[_Doc, int, ChunkCounts], ChunkNodes]
+
+
+def retrieve(
+    llm: SharedLLM,
+    forest: Forest,
+    question: str,
+    question_ids: torch.Tensor | None,
+    *,
+    settings: RetrievalSettings,
+    load_chunk: ChunkLoader,
+    embeddings: ChunkEmbeddings | None = None,
+) -> Retrieved:
+    """Rank the forest's chunks for ``question``, keep the best, walk their trees (see the module's docstring).
+
+    ``question_ids`` (the question's prompt ids) give the query key of the key-based policies; the ``lexical``
+    policy reads the question's words and needs none. Node states are loaded through ``load_chunk``, only for
+    the nodes that scoring or injecting reads."""
     entries, root_keys = forest.entries, forest.root_keys
     if not entries:
-        raise InputError(f"the index {index.directory} holds no documents; add some first")
-    llm, policy = index.llm, index.policy
-    cfg = llm.config
+        raise InputError("the index holds no documents; add some first")
+    policy, cfg = settings.policy, llm.config
     counts = ChunkCounts()
     loaded: dict[int, Any] = {}
     kept: list[int] = []
@@ -131,7 +100,7 @@ def retrieve(index: ContextIndex, prompt_ids: torch.Tensor, question: str, top_k
 
         def states():
             if rank not in loaded:
-                loaded[rank] = chunk_nodes(index, *entries[kept[rank]], counts)
+                loaded[rank] = load_chunk(*entries[kept[rank]], counts)
             return loaded[rank][node]
 
         return states
@@ -143,26 +112,28 @@ def retrieve(index: ContextIndex, prompt_ids: torch.Tensor, question: str, top_k
     if policy == "lexical":
         lexicon = forest.lexicon()
         chunk_scores = lexicon.scores(question)
-        if index.embeddings is not None:  # hybrid: BM25 and embedding ranks fused
-            chunk_scores = reciprocal_rank_fusion([chunk_scores, forest.dense(index.embeddings).scores(question)])
+        if embeddings is not None:  # hybrid: BM25 and embedding ranks fused
+            chunk_scores = reciprocal_rank_fusion([chunk_scores, forest.dense(embeddings).scores(question)])
         scorer = make_scorer("lexical", query_text=question, lexicon=lexicon, text_of=text_of)
     else:
         if bool(torch.isnan(root_keys).any()):
             raise InputError(
-                f"documents of the index {index.directory} were added with encode='lazy' and have no keys for the "
-                f"{policy!r} policy: query it with policy='lexical', or add them again to an eager index"
+                f"documents of this index were added with encode='lazy' and have no keys for the {policy!r} policy: "
+                "query it with policy='lexical', or add them again to an eager index"
             )
-        qkey = llm.query_keys(prompt_ids.reshape(1, -1).to(llm.device), [prompt_ids.numel()])[0].cpu()
+        if question_ids is None:
+            raise ValueError(f"the {policy!r} policy ranks chunks by the question's query key: pass question_ids")
+        qkey = llm.query_keys(question_ids.reshape(1, -1).to(llm.device), [question_ids.numel()])[0].cpu()
         chunk_scores = cosine_scores(qkey, root_keys)
 
         def keys_of(node_ids, spans):
             return torch.stack([load(n[0], (n[1], n[2]))().key for n in node_ids])
 
         scorer = make_scorer("query", query_key=qkey, keys_of=keys_of)  # blind policies still cite by keys
-    budgets = forest.budgets(keep=cfg.node_keep, height=cfg.tree_height, expand_margin=index.expand_margin)
-    kept += sorted(rank_chunks(scores=chunk_scores, top_k=top_k or index.top_k, states_per_chunk=budgets, max_states=max_states))
+    budgets = forest.budgets(keep=cfg.node_keep, height=cfg.tree_height, expand_margin=settings.expand_margin)
+    kept += sorted(rank_chunks(scores=chunk_scores, top_k=settings.top_k, states_per_chunk=budgets, max_states=settings.max_states))
     spans = {rank: (0, int(entries[g][0].chunk_ids(entries[g][1]).numel())) for rank, g in enumerate(kept)}
-    chooser = make_chooser(policy, scorer=scorer, generator=torch.Generator().manual_seed(cfg.seed), expand_margin=index.expand_margin)
+    chooser = make_chooser(policy, scorer=scorer, generator=torch.Generator().manual_seed(cfg.seed), expand_margin=settings.expand_margin)
     walked = walk_trees(spans, cfg.tree_height, chooser)
     selection = Selection(
         [SelectedNode(n.chunk, n.level, n.index, n.start, n.end, loader=load(n.chunk, (n.level, n.index))) for n in walked]
