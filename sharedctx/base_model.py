@@ -9,15 +9,18 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from .errors import ModelLoadError, UnsupportedModelError
 
 __all__ = [
+    "load_once",
     "DEFAULT_MODEL_NAME",
     "SUPPORTED_MODEL_TYPES",
     "ModelLoadError",
@@ -191,3 +194,21 @@ def base_fingerprint(model: torch.nn.Module) -> str:
             flat = t.detach().reshape(-1)[:8192].to("cpu", torch.bfloat16).to(torch.float32)
             h.update(flat.numpy().tobytes())
     return f"{cfg.model_type}-{desc['num_hidden_layers']}x{desc['hidden_size']}-{h.hexdigest()[:16]}"
+
+
+_T = TypeVar("_T")
+_LOADED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_LOADED_LOCK = threading.Lock()
+
+
+def load_once(key: tuple, load: Callable[[], _T]) -> _T:
+    """``load()`` once per process for ``key`` (hashable options; a ``to_dict()`` object counts by its fields): later
+    calls return the same object while anything still holds it (a weak cache, so weights go when the last user
+    drops them). Thread-safe. Behind `SharedLLM.shared`."""
+    key = tuple(json.dumps(v.to_dict(), sort_keys=True) if hasattr(v, "to_dict") else v if v is None or isinstance(v, bool) else str(v)
+                for v in key)
+    with _LOADED_LOCK:
+        value = _LOADED.get(key)
+        if value is None:
+            value = _LOADED[key] = load()
+        return value

@@ -14,17 +14,13 @@ import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when used: importing this module loads neither torch nor a model
+    from .index.facade import ContextIndex
+    from .model import SharedLLM
     from .tree import ContextTree
-
-#: a `sharedctx.SharedLLM` / `sharedctx.ContextIndex` (not imported here: both import this module)
-SharedLLM = Any
-ContextIndex = Any
 
 __all__ = [
     "TextTreeCache",
-    "tree_for",
-    "check_tree",
     "context_text",
     "message_text",
     "find_index",
@@ -34,49 +30,6 @@ __all__ = [
     "question_text",
     "stream_reply",
 ]
-
-
-def tree_for(llm: SharedLLM, context: Any) -> ContextTree:
-    """A lazy tree (tokens only, with character offsets for text) for text or token ids under ``llm``'s options;
-    a `ContextTree` is checked against ``llm`` and returned as it is."""
-    import torch
-
-    from .tree import ContextTree
-
-    if isinstance(context, ContextTree):
-        check_tree(llm, context)
-        return context
-    text = offsets = None
-    if isinstance(context, str):
-        text = context
-        enc = llm._require_tokenizer()(context, add_special_tokens=False, return_offsets_mapping=True)
-        ids = torch.tensor(enc["input_ids"], dtype=torch.long)
-        offsets = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
-    else:
-        ids = torch.as_tensor(context, dtype=torch.long).reshape(-1).cpu()
-    vocab = llm.base.config.vocab_size
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"context token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
-    cfg = llm.config
-    return ContextTree(
-        input_ids=ids, chunk_size=cfg.chunk_size, tree_height=cfg.tree_height, node_keep=cfg.node_keep,
-        sampling=cfg.sampling, fingerprint=llm.fingerprint, text=text, offsets=offsets,
-    )
-
-
-def check_tree(llm: SharedLLM, tree: ContextTree) -> None:
-    """Refuse (`ContextMismatchError`) a tree encoded by another base model or with other lower-side options."""
-    from .errors import ContextMismatchError
-
-    if tree.fingerprint != llm.fingerprint:
-        raise ContextMismatchError(
-            f"this context tree was encoded by base model {tree.fingerprint}, not {llm.fingerprint}; encode it again with this model"
-        )
-    mine = llm.config.lower_signature()
-    theirs = {"chunk_size": tree.chunk_size, "tree_height": tree.tree_height, "node_keep": tree.node_keep, "sampling": tree.sampling}
-    diff = {k: (theirs[k], mine[k]) for k in theirs if theirs[k] != mine[k]}
-    if diff:
-        raise ContextMismatchError(f"context tree options differ from this model's config (tree, model): {diff}; encode it again")
 
 
 def _item_text(item: Any) -> str | None:

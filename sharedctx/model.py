@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from . import contexts, generation
-from .adapter_files import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    default_adapter_path,
-    load_adapter,
-    merge_configs,
-    read_adapter_config,
-    save_adapter,
-)
-from .base_model import (
-    base_fingerprint,
-    check_supported,
-    load_base_model,
-)
+from . import generation
+from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, default_adapter_path, load_adapter, merge_configs, read_adapter_config, save_adapter
+from .base_model import base_fingerprint, check_supported, load_base_model, load_once
 from .config import SharedCtxConfig
 from .encoder import LowerEncoder, cache_kwarg
 from .errors import PromptTooLongError
@@ -130,14 +115,8 @@ class SharedLLM(nn.Module):
         This is how the LangChain and LlamaIndex integrations load models: several chat models, LLMs and
         indexes built with the same options share one copy of the weights.
         """
-        key = (None if base is None else str(base), *sorted((k, _option_key(v)) for k, v in options.items()))
-        with _SHARED_LOCK:
-            llm = _SHARED.get(key)
-            if llm is None:
-                logger.info("loading SharedLLM base=%s options=%s", base or "<default>", dict(key[1:]))
-                llm = cls.from_pretrained(base, **options)
-                _SHARED[key] = llm
-            return llm
+        logger.debug("SharedLLM.shared base=%s options=%s", base or "<default>", options)
+        return load_once((base, *(x for k in sorted(options) for x in (k, options[k]))), lambda: cls.from_pretrained(base, **options))
 
     # ------------------------------------------------------------------ adapters
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -183,8 +162,23 @@ class SharedLLM(nn.Module):
         return self.tokenizer
 
     def context_tree(self, context: ContextLike) -> ContextTree:
-        """A lazy tree (tokens only) for text or token ids; a `ContextTree` is checked and returned."""
-        return contexts.tree_for(self, context)
+        """A lazy tree (tokens only, with character offsets for text) for text or token ids under this model's
+        options; a `ContextTree` is checked against this model (`ContextMismatchError`) and returned as it is."""
+        if isinstance(context, ContextTree):
+            context.check(self.fingerprint, self.config.lower_signature())
+            return context
+        text = offsets = None
+        if isinstance(context, str):
+            text, enc = context, self._require_tokenizer()(context, add_special_tokens=False, return_offsets_mapping=True)
+            ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+            offsets = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+        else:
+            ids = torch.as_tensor(context, dtype=torch.long).reshape(-1).cpu()
+        vocab, cfg = self.base.config.vocab_size, self.config
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"context token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+        return ContextTree(input_ids=ids, chunk_size=cfg.chunk_size, tree_height=cfg.tree_height, node_keep=cfg.node_keep,
+                           sampling=cfg.sampling, fingerprint=self.fingerprint, text=text, offsets=offsets)
 
     def encode(self, context: ContextLike, *, precompute: bool = True, show_progress: bool = False) -> ContextTree:
         """Tokenize a context and, with ``precompute``, encode every node of every chunk's tree once."""
@@ -488,15 +482,3 @@ class SharedLLM(nn.Module):
         """The answer to ``prompt`` reading ``context`` (greedy by default). Options: ``max_new_tokens``,
         ``temperature``, ``top_k``, ``top_p``, ``stop``, ``seed``, ``chat``, ``system``."""
         return self.complete(prompt, context=context, **kwargs).text
-
-
-# ---------------------------------------------------------------------- helpers
-_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_SHARED_LOCK = threading.Lock()
-
-
-def _option_key(value: Any) -> Any:
-    """A hashable stand-in for a `from_pretrained` option in the key of `SharedLLM.shared`."""
-    if isinstance(value, SharedCtxConfig):
-        return json.dumps(value.to_dict(), sort_keys=True)
-    return value if value is None or isinstance(value, bool) else str(value)

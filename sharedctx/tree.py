@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import TreeFormatError
+from .errors import ContextMismatchError, TreeFormatError
 
 __all__ = ["NodeId", "NodeStates", "ContextTree", "InjectedNode", "canonical_children", "chunk_spans", "subtree_nodes", "TreeFormatError"]
 
@@ -112,6 +112,18 @@ class ContextTree:
     @property
     def spans(self) -> list[tuple[int, int]]:
         return chunk_spans(self.n_tokens, self.chunk_size)
+
+    def check(self, fingerprint: str, signature: dict) -> None:
+        """Refuse (`ContextMismatchError`) to be read by a model of another ``fingerprint`` or lower-side options
+        (``signature``: `SharedCtxConfig.lower_signature`) than the tree was made under."""
+        if self.fingerprint != fingerprint:
+            raise ContextMismatchError(
+                f"this context tree was encoded by base model {self.fingerprint}, not {fingerprint}; encode it again with this model"
+            )
+        mine = {"chunk_size": self.chunk_size, "tree_height": self.tree_height, "node_keep": self.node_keep, "sampling": self.sampling}
+        diff = {k: (mine[k], signature[k]) for k in mine if mine[k] != signature[k]}
+        if diff:
+            raise ContextMismatchError(f"context tree options differ from this model's config (tree, model): {diff}; encode it again")
 
     @property
     def n_chunks(self) -> int:
