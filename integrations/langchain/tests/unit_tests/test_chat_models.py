@@ -215,9 +215,9 @@ def test_models_load_lazily_and_are_shared(monkeypatch, llm):
     import sharedctx
 
     monkeypatch.setattr(sharedctx.SharedLLM, "from_pretrained", staticmethod(fake_from_pretrained))
-    import sharedctx.model
+    import sharedctx.base_model
 
-    monkeypatch.setattr(sharedctx.model, "_SHARED", type(sharedctx.model._SHARED)())
+    monkeypatch.setattr(sharedctx.base_model, "_LOADED", type(sharedctx.base_model._LOADED)())  # SharedLLM.shared's cache
     a = ChatSharedLLM(model="tiny/base", max_tokens=2)
     b = ChatSharedLLM(model="tiny/base", max_tokens=3)
     assert calls == [] and a.llm is None  # nothing loads at construction
