@@ -1,5 +1,10 @@
 """Adapter files: what `SharedLLM.save_pretrained` writes and `load_adapter` reads (only the new parameters,
-peft-style), the configuration merge when loading, and the adapter shipped for the default model."""
+peft-style), the configuration merge when loading, and the adapter shipped for the default model.
+
+An adapter built with ``cross_rank = r`` stores its cross-attention projections as rank-``r`` deltas over each layer's
+own ``q_proj``/``o_proj`` (``N.q_proj.lora_a``, ``N.q_proj.lora_b``...); one with full projections (``cross_rank = 0``,
+every adapter before issue 25) stores them whole and still loads as before. `save_low_rank_adapter` turns the latter
+into the former by truncated SVD."""
 
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "default_adapter_path",
     "save_adapter",
+    "save_low_rank_adapter",
+    "low_rank_state",
     "load_adapter",
     "read_adapter_config",
     "merge_configs",
@@ -43,21 +50,62 @@ def default_adapter_path() -> Path | None:
 
 def save_adapter(llm: SharedLLM, directory: str | os.PathLike) -> None:
     """Write only the new parameters: ``sharedctx_adapter.json`` + ``adapter.safetensors``."""
+    _write(llm, directory, llm.adapter_state_dict(), llm.config)
+
+
+def _write(llm: SharedLLM, directory: str | os.PathLike, state: dict[str, torch.Tensor], config: SharedCtxConfig) -> None:
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in llm.adapter_state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     meta = {
         "sharedctx_version": __version__,
         "base_fingerprint": llm.fingerprint,
         "base_model_type": llm.base.config.model_type,
         "base_name_or_path": getattr(llm.base.config, "_name_or_path", "") or DEFAULT_MODEL_NAME,
-        "config": llm.config.to_dict(),
+        "config": config.to_dict(),
         "trained": llm.adapter_trained,
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def low_rank_state(llm: SharedLLM, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The adapter of ``llm`` (full projections, ``cross_rank = 0``) as rank-``rank`` deltas over each layer's own
+    ``q_proj``/``o_proj`` (truncated SVD of ``W_adapter - W_layer``, the singular values split evenly between the two
+    factors), in the layout of a model built with ``cross_rank = rank``; and, per projection, the relative error
+    ``|D - BA| / |D|`` of the delta ``D`` it keeps (0 when the delta has rank <= ``rank``)."""
+    if llm.config.cross_rank:
+        raise ValueError(f"this adapter already stores rank-{llm.config.cross_rank} deltas; save it with save_pretrained")
+    if rank < 1:
+        raise ValueError(f"the rank of the stored deltas must be >= 1, got {rank}")
+    state = dict(llm.adapter_state_dict())
+    errors: dict[str, float] = {}
+    for i, block in enumerate(llm.injection):
+        own = llm.base.model.layers[i].layer.self_attn
+        for name in ("q_proj", "o_proj"):
+            full, base = getattr(block, name), getattr(own, name)
+            if full.bias is not None and not torch.equal(full.bias, base.bias):
+                raise ValueError(f"block {i}'s {name} has a trained bias, which low-rank deltas cannot keep; save the full adapter")
+            state.pop(f"{i}.{name}.bias", None)
+            delta = (state.pop(f"{i}.{name}.weight") - base.weight).float()
+            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+            root = sv[:rank].sqrt()
+            b, a = u[:, :rank] * root, root[:, None] * vh[:rank]
+            state[f"{i}.{name}.lora_a"] = a.to(full.weight.dtype)
+            state[f"{i}.{name}.lora_b"] = b.to(full.weight.dtype)
+            norm = float(delta.norm())
+            errors[f"{i}.{name}"] = float((delta - b @ a).norm()) / norm if norm else 0.0
+    return state, errors
+
+
+def save_low_rank_adapter(llm: SharedLLM, directory: str | os.PathLike, rank: int) -> dict[str, float]:
+    """Write the adapter of ``llm`` (full projections) as rank-``rank`` deltas (`low_rank_state`): a folder that loads
+    on a model built with ``cross_rank = rank``. Returns the relative error of each kept delta."""
+    state, errors = low_rank_state(llm, rank)
+    _write(llm, directory, state, llm.config.replace(cross_rank=rank))
+    return errors
 
 def load_adapter(llm: SharedLLM, directory: str | os.PathLike) -> None:
     """Load adapter weights saved by `save_pretrained`, refusing one made for another base model."""

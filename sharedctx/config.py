@@ -41,7 +41,7 @@ _GATES = ("tanh", "linear")
 LOWER_FIELDS = ("injection_layers", "chunk_size", "tree_height", "node_keep", "sampling")
 
 #: Fields that shape an adapter's parameters: an adapter loads only on a model built with the same values.
-ADAPTER_FIELDS = ("injection_layers", "gate", "upper_lora_rank", "null_kv")
+ADAPTER_FIELDS = ("injection_layers", "gate", "upper_lora_rank", "null_kv", "cross_rank")
 
 
 @dataclass
@@ -71,6 +71,9 @@ class SharedCtxConfig:
             upper layers to use what the cross-attention writes into the residual stream.
         null_kv: give each cross-attention a learned null key/value (zero at first) that every query may attend to,
             so a block can read nothing when the context has nothing for it; off by default (the paper's design).
+        cross_rank: 0 (each cross-attention owns full copies of its layer's ``q_proj`` and ``o_proj``: ~2.6 M
+            parameters a layer for SmolLM2-135M) or ``r > 0``: they are the layer's own projections (frozen) plus trainable
+            rank-``r`` deltas, peft-style, so the adapter holds only the deltas, norms and gates (a few MB at ``M = 30``).
         seed: seed of the ``random`` policy and of split noise.
         max_batch_tokens: upper bound on tokens per batched lower-model pass (memory bound while encoding).
         attn_backend: cross-attention backend: ``auto``, ``eager``, ``sdpa`` or a registered kernel backend.
@@ -87,6 +90,7 @@ class SharedCtxConfig:
     gate: str = "tanh"
     upper_lora_rank: int = 0
     null_kv: bool = False
+    cross_rank: int = 0
     seed: int = 0
     max_batch_tokens: int = 16384
     attn_backend: str = "auto"
@@ -113,6 +117,8 @@ class SharedCtxConfig:
             raise ValueError(f"SharedCtxConfig.sampling must be one of {_SAMPLING}, got {self.sampling!r}")
         if not isinstance(self.upper_lora_rank, int) or isinstance(self.upper_lora_rank, bool) or self.upper_lora_rank < 0:
             raise ValueError(f"SharedCtxConfig.upper_lora_rank must be an integer >= 0, got {self.upper_lora_rank!r}")
+        if not isinstance(self.cross_rank, int) or isinstance(self.cross_rank, bool) or self.cross_rank < 0:
+            raise ValueError(f"SharedCtxConfig.cross_rank must be an integer >= 0, got {self.cross_rank!r}")
         if self.gate not in _GATES:
             raise ValueError(f"SharedCtxConfig.gate must be one of {_GATES}, got {self.gate!r}")
         if not 0.0 <= float(self.split_noise) < 0.5:

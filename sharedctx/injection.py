@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Injection",
     "CrossAttention",
+    "LowRankDelta",
     "InjectedDecoderLayer",
     "UpperLoRA",
     "attach",
@@ -216,10 +217,37 @@ def injection_disabled():
     return injecting(None)
 
 
+class LowRankDelta(nn.Module):
+    """A linear map equal to a base projection plus a trainable low-rank delta: ``x -> base(x) + (x A^T) B^T``.
+
+    The base projection (the layer's own ``q_proj`` or ``o_proj``) is referenced, not copied and not registered, so
+    its weights stay frozen and outside the adapter; the adapter holds only ``lora_a (r, in)`` (random) and
+    ``lora_b (out, r)`` (zero at first, so the map starts equal to the base projection)."""
+
+    def __init__(self, base: nn.Linear, rank: int) -> None:
+        super().__init__()
+        ref = base.weight
+        object.__setattr__(self, "base", base)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, dtype=ref.dtype, device=ref.device) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=ref.dtype, device=ref.device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight ``W + B A`` (computed; changing it changes nothing)."""
+        return self.base.weight + self.lora_b @ self.lora_a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return out + (x.to(self.lora_a.dtype) @ self.lora_a.t() @ self.lora_b.t()).to(out.dtype)
+
+
 class CrossAttention(nn.Module):
     """Cross-attention of a layer's hidden states over injected K/V, initialised from the layer's own attention."""
 
-    def __init__(self, layer: nn.Module, slot: int, *, gate: str = "tanh", backend: str = "auto", null_kv: bool = False) -> None:
+    def __init__(
+        self, layer: nn.Module, slot: int, *, gate: str = "tanh", backend: str = "auto", null_kv: bool = False, rank: int = 0
+    ) -> None:
         super().__init__()
         attn = layer.self_attn
         self.slot = slot
@@ -229,8 +257,9 @@ class CrossAttention(nn.Module):
         self.num_heads = attn.q_proj.out_features // self.head_dim
         self.scaling = float(getattr(attn, "scaling", self.head_dim**-0.5))
         self.norm = copy.deepcopy(layer.input_layernorm)
-        self.q_proj = copy.deepcopy(attn.q_proj)
-        self.o_proj = copy.deepcopy(attn.o_proj)
+        # rank 0: own copies of the layer's projections; rank r: the layer's own (frozen, shared) plus a rank-r delta
+        self.q_proj = LowRankDelta(attn.q_proj, rank) if rank else copy.deepcopy(attn.q_proj)
+        self.o_proj = LowRankDelta(attn.o_proj, rank) if rank else copy.deepcopy(attn.o_proj)
         self.q_norm = copy.deepcopy(attn.q_norm) if hasattr(attn, "q_norm") else None  # Qwen3
         ref = attn.q_proj.weight
         self.gate = nn.Parameter(torch.zeros((), dtype=ref.dtype, device=ref.device))
@@ -324,9 +353,12 @@ class InjectedDecoderLayer(nn.Module):
         return residual + x
 
 
-def attach(model: nn.Module, n_layers: int, *, gate: str = "tanh", backend: str = "auto", null_kv: bool = False) -> nn.ModuleList:
+def attach(
+    model: nn.Module, n_layers: int, *, gate: str = "tanh", backend: str = "auto", null_kv: bool = False, rank: int = 0
+) -> nn.ModuleList:
     """Wrap the bottom ``n_layers`` decoder layers of ``model`` and return the new cross-attention blocks
-    (with a learned null key/value each when ``null_kv``)."""
+    (with a learned null key/value each when ``null_kv``; with projections stored as rank-``rank`` deltas over the
+    layer's own when ``rank > 0``)."""
     layers = model.model.layers
     if n_layers > len(layers):
         raise ValueError(f"injection_layers={n_layers} exceeds the model's {len(layers)} layers")
@@ -335,7 +367,7 @@ def attach(model: nn.Module, n_layers: int, *, gate: str = "tanh", backend: str 
         layer = layers[i]
         if isinstance(layer, InjectedDecoderLayer):
             raise ValueError("this model already has sharedctx cross-attention attached; wrap the original model once")
-        cross = CrossAttention(layer, i, gate=gate, backend=backend, null_kv=null_kv)
+        cross = CrossAttention(layer, i, gate=gate, backend=backend, null_kv=null_kv, rank=rank)
         layers[i] = InjectedDecoderLayer(layer, cross, model.model.rotary_emb)
         blocks.append(cross)
     return nn.ModuleList(blocks)

@@ -55,7 +55,7 @@ class SharedLLM(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.injection = attach(model, self.config.injection_layers, gate=self.config.gate, backend=self.config.attn_backend,
-                                null_kv=self.config.null_kv)
+                                null_kv=self.config.null_kv, rank=self.config.cross_rank)
         # empty unless config.upper_lora_rank > 0: low-rank updates of the upper layers, active only under injection
         self.upper_lora = attach_upper_lora(model, self.config.injection_layers, self.config.upper_lora_rank)
         self.encoder = LowerEncoder(model, self.config)

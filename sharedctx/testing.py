@@ -96,7 +96,10 @@ def set_gates(llm, value: float) -> None:
             block.gate.fill_(value * (1 + 0.25 * i))
             # a trained adapter does not equal the layer's own attention; perturb so tests see real effects
             g = torch.Generator().manual_seed(100 + i)
-            block.q_proj.weight.add_(torch.randn(block.q_proj.weight.shape, generator=g) * 0.5)
+            if hasattr(block.q_proj, "lora_b"):  # a low-rank delta over the layer's own projection (cross_rank > 0)
+                block.q_proj.lora_b.copy_(torch.randn(block.q_proj.lora_b.shape, generator=g) * 0.5)
+            else:
+                block.q_proj.weight.add_(torch.randn(block.q_proj.weight.shape, generator=g) * 0.5)
         for i, lora in enumerate(getattr(llm, "upper_lora", ())):  # upper-layer low-rank updates, when configured
             g = torch.Generator().manual_seed(200 + i)
             lora.lora_b.copy_(torch.randn(lora.lora_b.shape, generator=g) * 0.3)

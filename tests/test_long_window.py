@@ -248,3 +248,16 @@ def test_autocast_bf16_cpu_runs_the_step_in_bf16_and_bf16_alone_keeps_the_cpu_in
     assert losses["bf16-cpu"] != losses["none"] and losses["bf16-cpu"] == pytest.approx(losses["none"], rel=0.05)
     with pytest.raises(ValueError, match="autocast"):
         TrainConfig(autocast="fp16")
+
+
+def test_task_scale_multiplies_that_tasks_gradients_and_not_its_logged_loss(tmp_path, shards):
+    grads, losses = {}, {}
+    for scale in (1.0, 4.0):
+        trainer = _trainer(tmp_path / str(scale), shards, gates=1.0, tasks={"quiet": 1.0, "lm": 1.0}, task_scale={"quiet": scale})
+        rows = [trainer.sample_example("quiet")]
+        losses[scale], _ = trainer.micro_step(rows)
+        grads[scale] = trainer.llm.injection[0].gate.grad.clone()
+    assert losses[1.0] == losses[4.0]
+    torch.testing.assert_close(grads[4.0], 4 * grads[1.0])
+    with pytest.raises(ValueError, match="task_scale"):
+        TrainConfig(tasks={"lm": 1.0}, task_scale={"quiet": 2.0})

@@ -59,6 +59,9 @@ class TrainConfig:
             of the shards (e.g. ``books/pride_and_prejudice.txt``) or a file path.
         eval_windows, eval_context_chunks, eval_window, eval_span: stretches per evaluation, context chunks, window
             tokens and repeated-span tokens of the diagnostics.
+        task_scale: a factor on each named task's loss before backpropagation (default 1; the logged loss is
+            unscaled), to balance tasks whose gradients differ in size (the mixing weights only set how often each
+            task is drawn).
         task_chunks: ``[min, max]`` chunks of context for the synthetic tasks.
         instruction_file: JSONL of ``{"context": ..., "question": ..., "answer": ...}`` for the ``instruction`` task.
         init_adapter: an adapter folder to start from (fine-tuning: e.g. another policy or other tasks) instead of
@@ -86,6 +89,7 @@ class TrainConfig:
     context_chunks: list[int] = field(default_factory=lambda: [4, 4])
     window: int | list[int] = 4096
     tasks: dict[str, float] = field(default_factory=lambda: {"lm": 1.0})
+    task_scale: dict[str, float] = field(default_factory=dict)
     task_chunks: list[int] = field(default_factory=lambda: [1, 4])
     instruction_file: str | None = None
     recon_span: int = 64
@@ -133,6 +137,8 @@ class TrainConfig:
             raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TEXT_TASKS)}, {', '.join(TASKS)}")
         if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise ValueError(f"TrainConfig.tasks must give non-negative weights with a positive sum, got {self.tasks}")
+        if set(self.task_scale) - set(self.tasks) or any(v <= 0 for v in self.task_scale.values()):
+            raise ValueError(f"TrainConfig.task_scale must give positive factors for tasks of `tasks`, got {self.task_scale}")
         if self.tasks.get("instruction") and not self.instruction_file:
             raise ValueError("the 'instruction' task needs instruction_file = a JSONL of {context, question, answer}")
         if self.trainable not in ("injection", "gates"):

@@ -277,7 +277,7 @@ class Trainer:
     def micro_step(self, rows: list[Example]) -> tuple[float, int]:
         """Forward and backward one micro-batch; returns its loss and the number of scored tokens."""
         loss, labels = self.loss(rows)
-        (loss / self.cfg.grad_accum).backward()
+        (loss * self.cfg.task_scale.get(rows[0].task, 1.0) / self.cfg.grad_accum).backward()
         return float(loss.detach()), int((labels[:, 1:] != IGNORE).sum())
 
     def train_step(self) -> dict[str, Any]:
