@@ -64,30 +64,27 @@ def greedy(llm: Any, ids: torch.Tensor, max_new_tokens: int) -> dict[str, Any]:
     """Greedy decoding with the plain base model (no injection, no length check): prefill, then one token a step."""
     from transformers import DynamicCache
 
-    from sharedctx.encoder import cache_kwarg
-    from sharedctx.injection import injection_disabled
+    from sharedctx.diagnostics import base_forward
 
     eos = {int(e) for e in np.atleast_1d(llm.base.generation_config.eos_token_id or llm.tokenizer.eos_token_id)}
     device = llm.device
     t0 = time.perf_counter()
     generated: list[int] = []
-    kw = cache_kwarg(llm.base.forward)  # `cache` in newer transformers 5.x, `past_key_values` before
-    with injection_disabled():
-        cache = DynamicCache()
-        out = llm.base(input_ids=ids[None].to(device), **{kw: cache}, use_cache=True, logits_to_keep=1)
+    cache = DynamicCache()
+    out = base_forward(llm, ids[None], cache=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1)
+    _sync(device)
+    first = time.perf_counter()
+    for i in range(max_new_tokens):
+        tid = int(token)
+        if tid in eos:
+            break
+        generated.append(tid)
+        if i + 1 == max_new_tokens:
+            break
+        out = base_forward(llm, token.view(1, 1), cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1)
-        _sync(device)
-        first = time.perf_counter()
-        for i in range(max_new_tokens):
-            tid = int(token)
-            if tid in eos:
-                break
-            generated.append(tid)
-            if i + 1 == max_new_tokens:
-                break
-            out = llm.base(input_ids=token.view(1, 1), **{kw: cache}, use_cache=True, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(-1)
-        _sync(device)
+    _sync(device)
     end = time.perf_counter()
     return {
         "answer": llm.tokenizer.decode(generated, skip_special_tokens=True),
@@ -229,7 +226,7 @@ class MiniLM:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         import importlib.util
 
-        from sharedctx.base_model import sharedctx_home
+        from sharedctx.diagnostics import sharedctx_home
 
         spec = importlib.util.find_spec("all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
@@ -329,7 +326,7 @@ def offline_tiktoken() -> str | None:
     source = next((p for p in found if p.is_file()), None)
     if source is None:
         return None
-    from sharedctx.base_model import sharedctx_home
+    from sharedctx.diagnostics import sharedctx_home
 
     cache = sharedctx_home() / "tiktoken"
     target = cache / hashlib.sha1(_CL100K_URL.encode()).hexdigest()

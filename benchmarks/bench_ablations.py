@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     text_path, filler_path = data_file(args.file, args), data_file(args.filler, args)
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
-    from sharedctx.training.evaluate import eval_ppl
+    from sharedctx.diagnostics import eval_ppl
 
     length = args.lengths[0]
     rows, reference = [], None

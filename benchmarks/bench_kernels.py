@@ -53,9 +53,9 @@ def quick_interpreter_check() -> int:
     import torch
 
     from sharedctx.ops import chunk_cross_attention_reference
-    from sharedctx_kernels.attention import INTERPRET, triton_chunk_cross_attention
+    from sharedctx_kernels import triton_chunk_cross_attention, triton_supports
 
-    assert INTERPRET, "the kernels were imported before TRITON_INTERPRET was set"
+    assert triton_supports(torch.device("cpu"), torch.float32), "the kernels were imported before TRITON_INTERPRET was set"
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, T, S, D = 2, 9, 3, 4, 96, 64
     q, k, v = (torch.randn(*s, generator=g) for s in ((B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
@@ -82,7 +82,7 @@ def main() -> int:
     from triton.testing import do_bench
 
     from sharedctx.ops import sdpa_chunk_cross_attention
-    from sharedctx_kernels.attention import triton_chunk_cross_attention
+    from sharedctx_kernels import triton_chunk_cross_attention
     from sharedctx_kernels.flash import flash_attn_available, flash_attn_chunk_cross_attention
 
     dtype = getattr(torch, args.dtype)

@@ -146,12 +146,12 @@ def vary(text: str, k: int) -> str:
 
 def make_doc(base: Base, k: int, n_chunks: int | None, seq: int, suffix: str = ""):
     """A document record of copy ``k`` of ``base`` (its first ``n_chunks`` chunks), as `ingest_text` writes one."""
-    from sharedctx.index.documents import _Doc
+    from sharedctx.diagnostics import DocumentRecord
 
     n = base.bounds.numel() - 1 if n_chunks is None else n_chunks
     t = int(base.bounds[n])
     text = vary(base.text, k)[: int(base.offsets[t - 1, 1])]
-    return _Doc(f"{base.name}#{k}{suffix}", seq, text, base.ids[:t], base.offsets[:t], base.bounds[: n + 1],
+    return DocumentRecord(f"{base.name}#{k}{suffix}", seq, text, base.ids[:t], base.offsets[:t], base.bounds[: n + 1],
                 torch.zeros(n, 1), [f"chunk/{base.name}/{k}/{c}" for c in range(n)], {}, None)
 
 

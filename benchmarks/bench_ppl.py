@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()[0]
 
-    from sharedctx.training.evaluate import eval_ppl
+    from sharedctx.diagnostics import eval_ppl
 
     llm = load_llm(args)
     tok = llm.tokenizer

@@ -70,7 +70,7 @@ class Ranker:
         from sharedctx.index.lexicon import chunk_texts
         from sharedctx.ops.scoring import BM25
 
-        self.index, self.forest = index, index._forest_view()
+        self.index, self.forest = index, index.live.forest()
         self.unstemmed = BM25([t for d in self.forest.docs for t in chunk_texts(d)], stem=False)
         self.dense, self.embed_s = None, 0.0
         if embedder is not None:

@@ -37,10 +37,10 @@ KS = (1, 2, 8)
 
 def hidden(llm, ids: torch.Tensor, layer: int) -> torch.Tensor:
     """Normed hidden states ``(B, T, H)`` after the first ``layer`` decoder layers, each row on its own (positions 0..T-1)."""
-    from sharedctx.injection import injection_disabled
+    from sharedctx.diagnostics import base_model_only
 
     inner = llm.base.model
-    with torch.no_grad(), injection_disabled():
+    with torch.no_grad(), base_model_only():
         h = inner.embed_tokens(ids.to(llm.device))
         pos = torch.arange(ids.shape[1], device=llm.device)[None].expand(ids.shape[0], -1)
         emb = inner.rotary_emb(h, pos)

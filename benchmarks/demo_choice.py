@@ -56,7 +56,7 @@ def main() -> None:
 
     from sharedctx import SharedLLM
     from sharedctx.index import ContextIndex
-    from sharedctx.index.documents import read_document
+    from sharedctx.diagnostics import read_document
 
     path = Path(args.file) if Path(args.file).is_absolute() else ROOT / args.file
     text = read_document(path)

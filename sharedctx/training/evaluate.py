@@ -28,6 +28,7 @@ import torch
 
 from ..injection import injection_disabled
 from .data import passkey_example
+from .windows import scored_nll, window_nll, window_starts
 
 __all__ = ["eval_ppl", "eval_passkey", "window_starts", "add_eval_parser", "MODES"]
 
@@ -36,34 +37,11 @@ logger = logging.getLogger(__name__)
 MODES = ("adapter", "control", "window", "full", "streaming")
 
 
-def window_starts(doc_length: int, total_length: int, n_windows: int) -> list[int]:
-    """Start offsets of ``n_windows`` stretches of ``total_length`` tokens spread evenly over a document."""
-    if doc_length < total_length:
-        raise ValueError(f"the text has {doc_length} tokens, fewer than --total-length {total_length}; use a longer text or a shorter length")
-    last = doc_length - total_length
-    if n_windows <= 1:
-        return [last // 2]
-    return [int(round(i * last / (n_windows - 1))) for i in range(n_windows)]
-
-
-def _scored_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Summed NLL of ``targets (S,)`` under ``logits (S, V)``."""
-    return float(torch.nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum"))
-
-
-def _window_nll(llm: Any, ids: torch.Tensor, score_last: int, *, context: torch.Tensor | None = None) -> float:
-    """NLL of the last ``score_last`` tokens of ``ids (T,)``, reading ``context`` when given (query = unscored prefix)."""
-    t = ids.numel()
-    q = t - score_last
-    out = llm(ids[None].to(llm.device), context=context, query_length=q if context is not None else None, logits_to_keep=score_last + 1)
-    return _scored_nll(out.logits[0, :-1], ids[q:])
-
-
 def _base_nll(llm: Any, ids: torch.Tensor, score_last: int) -> float:
     """NLL of the last ``score_last`` tokens of ``ids`` under the plain base model (no length check)."""
     with injection_disabled():
         out = llm.base(input_ids=ids[None].to(llm.device), use_cache=False, logits_to_keep=score_last + 1)
-    return _scored_nll(out.logits[0, :-1], ids[-score_last:])
+    return scored_nll(out.logits[0, :-1], ids[-score_last:])
 
 
 @torch.no_grad()
@@ -111,12 +89,12 @@ def eval_ppl(
             for mode in modes:
                 t0 = time.perf_counter()
                 if mode == "adapter":
-                    nll = _window_nll(llm, win, score_last, context=ctx if n_ctx else None)
+                    nll = window_nll(llm, win, score_last, context=ctx if n_ctx else None)
                 elif mode == "control":
                     cs = control_starts[i]
-                    nll = _window_nll(llm, win, score_last, context=control_tokens[cs : cs + n_ctx] if n_ctx else None)
+                    nll = window_nll(llm, win, score_last, context=control_tokens[cs : cs + n_ctx] if n_ctx else None)
                 elif mode == "window":
-                    nll = _window_nll(llm, win, score_last)
+                    nll = window_nll(llm, win, score_last)
                 elif mode == "full":
                     nll = _base_nll(llm, stretch, score_last)
                 else:  # streaming

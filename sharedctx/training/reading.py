@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .evaluate import _scored_nll, _window_nll, window_starts
+from .windows import scored_nll, window_nll, window_starts
 from .objectives import marker_ids
 
 __all__ = ["eval_reading", "READING_KEYS"]
@@ -52,7 +52,7 @@ def _span_nll(llm: Any, ids: torch.Tensor, n_scored: int, *, injection: Any = No
         ids[None].to(llm.device), context=context, injection=injection,
         query_length=query_length if context is not None else None, logits_to_keep=n_scored + 1,
     )
-    return _scored_nll(out.logits[0, :-1], ids[-n_scored:])
+    return scored_nll(out.logits[0, :-1], ids[-n_scored:])
 
 
 @torch.no_grad()
@@ -110,9 +110,9 @@ def eval_reading(
             ctx, win = tokens[s : s + context_tokens], tokens[s + context_tokens : s + context_tokens + window]
             cctx = control_tokens[cstarts[i] : cstarts[i] + context_tokens]
             true_tree, control_tree = llm.context_tree(ctx), llm.context_tree(cctx)
-            sums["true"] += _window_nll(llm, win, scored, context=true_tree)
-            sums["control"] += _window_nll(llm, win, scored, context=control_tree)
-            sums["window"] += _window_nll(llm, win, scored)
+            sums["true"] += window_nll(llm, win, scored, context=true_tree)
+            sums["control"] += window_nll(llm, win, scored, context=control_tree)
+            sums["window"] += window_nll(llm, win, scored)
             # copy: the walk with the marker as the query (span-independent), then one span per level it kept
             injection = llm.prepare_injection(true_tree, mark[None], query_length=q)
             nodes = list(injection.nodes[0]) if injection is not None else []
