@@ -37,7 +37,8 @@ from ..index.chunking import chunk_text
 from ..index.documents import _Doc, _iter_files, read_document
 from ..index.facade import ContextIndex
 from ..index.results import AddResult, BuildReport
-from ..index.store import TreeStore, chunk_key, merge_stores
+from ..index.merging import merge_stores
+from ..index.store import TreeStore, chunk_key
 
 __all__ = ["ModelSpec", "build_index"]
 

@@ -23,9 +23,9 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import DocumentNotFoundError, InputError, UnreadableFileError
+from ..errors import DocumentNotFoundError, InputError, StoreError, UnreadableFileError
 from .results import DocumentInfo
-from .store import BlobCache, StoreError, StoreMismatchError, UnsafeEntryError
+from .store import BlobCache, StoreMismatchError, UnsafeEntryError
 
 __all__ = ["DocumentTable", "DocumentNotFoundError", "QuarantinedDocument", "read_document", "text_sha256"]
 
@@ -80,6 +80,9 @@ class _Doc:
     chunk_keys: list[str]
     metadata: dict[str, Any]
     source: str | None
+    #: when this version was written (ns since the epoch; `seq` is when the document was first added, kept on later
+    #: edits); 0 until it is written, and in records written before update times were kept
+    updated: int = 0
 
     @property
     def n_chunks(self) -> int:
@@ -98,19 +101,66 @@ class DocumentTable:
     With ``read_only``, an immutable snapshot (`BlobCache`): nothing is written, a damaged record is reported but
     not quarantined, and writes raise `ReadOnlyIndexError`."""
 
-    def __init__(self, directory: str | os.PathLike, *, read_only: bool = False) -> None:
+    def __init__(self, directory: str | os.PathLike, *, read_only: bool = False, recover: bool = False) -> None:
         self.directory = Path(directory)
         self.read_only = read_only
-        self._blobs = BlobCache(self.directory / "docs", size_limit=None, read_only=read_only)
+        fix = (f"the document records in {self.directory / 'docs'} are the index's source of truth: restore that folder "
+               f"from a copy, or build the index again from its files (`sharedctx index add --store NEW_DIR FILES...`)")
+        self._blobs = BlobCache(self.directory / "docs", size_limit=None, read_only=read_only, recover=recover, fix=fix)
 
     # manifest: which model and options built this index
     def manifest(self) -> dict[str, Any] | None:
+        """The manifest, None when the index has none yet. A damaged one raises `StoreError` naming it, except in a
+        writable table whose node store's manifest is sound: then it is written again from that one (the model and
+        lower-side options; the policy and encode mode return to their defaults), with a warning."""
         raw = self._blobs.get_raw("manifest")
-        return None if raw is None else json.loads(raw)
+        if raw is None:
+            return None
+        try:
+            held = json.loads(raw)
+            if isinstance(held, dict) and isinstance(held.get("fingerprint"), str):
+                return held
+            problem = "it is not a sharedctx manifest"
+        except ValueError as exc:
+            problem = f"it is not JSON: {exc}"
+        where = f"the manifest of the index in {self.directory} (entry 'manifest' of {self.directory / 'docs' / 'cache.db'})"
+        nodes = self._node_manifest()
+        if nodes is None:
+            raise StoreError(
+                f"{where} is damaged ({problem}) and the node store's manifest ({self.directory / 'nodes'}) cannot stand in "
+                f"for it. The records are kept: restore {self.directory / 'docs'} from a copy, or build a new index from the "
+                "files (`sharedctx index add --store NEW_DIR FILES...`)"
+            )
+        if self.read_only:
+            raise StoreError(f"{where} is damaged ({problem}); open the index once without read_only (e.g. `sharedctx "
+                             f"index list --store {self.directory}`), which writes it again from its node store's manifest")
+        repaired = {"format": "sharedctx-index-1", **nodes}
+        self._blobs.set_raw("manifest", json.dumps(repaired, sort_keys=True).encode())
+        logger.warning("%s was damaged (%s); wrote it again from the node store's manifest (base model %s): the index's "
+                       "policy and encode mode are the defaults again unless given", where, problem, nodes["fingerprint"])
+        return repaired
+
+    def _node_manifest(self) -> dict[str, Any] | None:
+        """The fingerprint and signature the node store beside the table is bound to, or None when unreadable."""
+        nodes = self.directory / "nodes"
+        if not (nodes / "cache.db").is_file():
+            return None
+        try:
+            blobs = BlobCache(nodes, read_only=True, recover=True)
+            try:
+                held = json.loads(blobs.get_raw("manifest") or b"null")
+            finally:
+                blobs.close()
+        except (StoreError, ValueError):
+            return None
+        if not isinstance(held, dict) or not isinstance(held.get("fingerprint"), str) or not isinstance(held.get("signature"), dict):
+            return None
+        return {"fingerprint": held["fingerprint"], "signature": held["signature"]}
 
     def bind(self, manifest: dict[str, Any]) -> None:
-        mine = json.dumps(manifest, sort_keys=True).encode()
-        held = json.loads((self._blobs.get_raw("manifest") or b"{}") if self.read_only else self._blobs.add_raw("manifest", mine))
+        if not self.read_only:
+            self._blobs.add_raw("manifest", json.dumps(manifest, sort_keys=True).encode())
+        held = self.manifest() or {}
         keys = ("fingerprint", "signature")
         if {k: held.get(k) for k in keys} != {k: manifest.get(k) for k in keys}:
             raise StoreMismatchError(
@@ -132,7 +182,7 @@ class DocumentTable:
     def get(self, doc_id: str, model: Any = None) -> _Doc | None:
         """The record of ``doc_id``; None when missing, or damaged (then quarantined: moved aside, never deleted)."""
         try:
-            got = self._blobs.read("doc/" + doc_id)
+            return self.read(doc_id)
         except (StoreError, UnsafeEntryError) as exc:
             if self.read_only:
                 logger.warning("index %s: the record of document %r is damaged (%s); it is left as it is (open read-only): "
@@ -142,27 +192,35 @@ class DocumentTable:
             logger.warning("index %s: the record of document %r is damaged (%s); quarantined under %r, see "
                            "`sharedctx index list --store %s`", self.directory, doc_id, exc, where, self.directory)
             return None
+
+    def read(self, doc_id: str) -> _Doc | None:
+        """The record of ``doc_id``, None when missing; a damaged one raises `StoreError` and is left as it is."""
+        got = self._blobs.read("doc/" + doc_id)
         if got is None:
             return None
         t, meta = got
-        header = json.loads(meta["header"])
-        ids = t["ids"].long()
-        bounds = t["bounds"].long()
-        keys = header["chunk_keys"]
-        return _Doc(
-            doc_id=header["doc_id"],
-            seq=int(header["seq"]),
-            text=bytes(t["text"].numpy().tobytes()).decode("utf-8"),
-            ids=ids,
-            offsets=t["offsets"].long(),
-            bounds=bounds,
-            root_keys=t["root_keys"].float(),
-            chunk_keys=keys,
-            metadata=header.get("metadata", {}),
-            source=header.get("source"),
-        )
+        try:
+            header = json.loads(meta["header"])
+            return _Doc(
+                doc_id=header["doc_id"],
+                seq=int(header["seq"]),
+                text=bytes(t["text"].numpy().tobytes()).decode("utf-8"),
+                ids=t["ids"].long(),
+                offsets=t["offsets"].long(),
+                bounds=t["bounds"].long(),
+                root_keys=t["root_keys"].float(),
+                chunk_keys=list(header["chunk_keys"]),
+                metadata=header.get("metadata", {}),
+                source=header.get("source"),
+                updated=int(header.get("updated", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"the record holds no readable header or tensors ({type(exc).__name__}: {exc})") from exc
 
     def put(self, doc: _Doc) -> None:
+        """Write ``doc``'s record (stamping its update time when it has none) and its source entry."""
+        if not doc.updated:
+            doc.updated = time.time_ns()
         text = torch.frombuffer(bytearray(doc.text.encode("utf-8")), dtype=torch.uint8)
         tensors = {
             "ids": doc.ids.to(torch.int32),
@@ -174,6 +232,7 @@ class DocumentTable:
         header = {
             "doc_id": doc.doc_id,
             "seq": doc.seq,
+            "updated": doc.updated,
             "chunk_keys": doc.chunk_keys,
             "metadata": doc.metadata,
             "source": doc.source,
@@ -209,10 +268,11 @@ class DocumentTable:
         """The documents whose records are damaged and set aside, each with whether its source can restore it."""
         out = []
         for key, doc_id in self._quarantine_entries():
-            raw = self._blobs.get_raw("src/" + doc_id)
-            src = json.loads(raw) if raw else {}
+            src, damaged = self._source_entry(doc_id)
             q = QuarantinedDocument(doc_id, key, src.get("source"), src.get("sha256"), src.get("metadata") or {})
-            if q.source is None or q.sha256 is None:
+            if damaged:
+                q.why_not = f"its source entry ('src/{doc_id}' in {self.directory / 'docs'}) is damaged too ({damaged})"
+            elif q.source is None or q.sha256 is None:
                 q.why_not = "no source file was recorded for it"
             else:
                 try:
@@ -224,6 +284,30 @@ class DocumentTable:
                     q.why_not = None if same else f"its source {q.source} has changed since it was added"
             out.append(q)
         return out
+
+    def _source_entry(self, doc_id: str) -> tuple[dict[str, Any], str | None]:
+        """The source entry of ``doc_id`` (file, SHA-256, metadata) and None, or ``{}`` and why it is unreadable."""
+        raw = self._blobs.get_raw("src/" + doc_id)
+        if raw is None:
+            return {}, None
+        try:
+            src = json.loads(raw)
+        except ValueError as exc:
+            return {}, f"not JSON: {exc}"
+        if not isinstance(src, dict) or not all(isinstance(src.get(k), (str, type(None))) for k in ("source", "sha256")):
+            return {}, "not a source entry"
+        if not isinstance(src.get("metadata"), (dict, type(None))):
+            src["metadata"] = {}
+        return src, None
+
+    def reclaim_orphans(self) -> int:
+        """Delete value files no entry refers to, left by an interrupted write (see `BlobCache.reclaim_orphans`)."""
+        return self._blobs.reclaim_orphans()
+
+    @property
+    def changed(self) -> bool:
+        """Read-only: whether a writer changed the table since it was opened."""
+        return self._blobs.changed
 
     def close(self) -> None:
         self._blobs.close()

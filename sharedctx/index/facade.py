@@ -56,10 +56,10 @@ from .embedding import ChunkEmbeddings, Embedder
 from .lexicon import ChunkLexicon, Segment
 from .answering import PreparedQuery, QueryOptions, by_score
 from .results import AddResult, Answer, BuildReport, Citation, DocumentInfo
-from .merging import merge_into
+from .merging import MergeReport, merge_into
 from .retrieval import Retrieved, passage_prompt, retrieve
 from .settings import settle
-from .store import DEFAULT_SIZE_LIMIT, MergeReport, TreeStore
+from .store import DEFAULT_SIZE_LIMIT, TreeStore
 
 __all__ = ["ContextIndex", "merge_into"]
 

@@ -41,17 +41,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import shutil
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import StoreError
 from ..ops.scoring import TOKENIZER_VERSION, bm25_idf, bm25_text_score, tokenizer_id, words
 from .documents import _Doc
+from .snapshot import is_damaged
 from .store import BlobCache
 
 __all__ = ["ChunkLexicon", "LexiconFiles", "LexiconView", "Segment", "chunk_texts", "doc_checksum"]
@@ -157,21 +161,57 @@ class LexiconFiles:
         self.directory = Path(directory)
         self.read_only = read_only
         self._blobs: BlobCache | None = None
-        if not read_only:
-            self._blobs = BlobCache(self.directory, size_limit=None)
-        elif (self.directory / "cache.db").is_file():
-            self._blobs = BlobCache(self.directory, size_limit=None, read_only=True)
+        try:
+            if not read_only:
+                self._blobs = BlobCache(self.directory, size_limit=None)
+            elif (self.directory / "cache.db").is_file():
+                self._blobs = BlobCache(self.directory, size_limit=None, read_only=True)
+        except StoreError as exc:
+            self._damaged(exc)
 
-    def load(self, doc_id: str, checksum: str) -> tuple[Segment | None, str]:
-        """The segment of ``doc_id`` if it was counted from what ``checksum`` names; else None and why:
-        ``missing``, ``tokenizer`` (counted by another version of `words`), ``stale`` or ``damaged`` (a damaged blob is
-        dropped, unless read-only)."""
+    def _damaged(self, exc: StoreError) -> None:
+        """The lexicon's database is damaged or unreadable: it is a cache of counts derived from the records, so it
+        is deleted and started again (read-only: left as it is, and every document is counted in memory)."""
+        if self._blobs is not None:
+            try:
+                self._blobs.close()
+            except Exception:  # closing a damaged database may fail too; it is dropped either way
+                pass
+            self._blobs = None
+        if self.read_only or not is_damaged(exc):
+            if not self.read_only:  # busy, locked, no permission: not ours to delete
+                raise exc
+            logger.warning("lexicon %s cannot be read (%s); counting every document's words in memory instead (open "
+                           "read-only: nothing is written; open the index once without read_only to rebuild it)", self.directory, exc)
+            return
+        shutil.rmtree(self.directory, ignore_errors=True)
+        logger.warning("lexicon %s was damaged (%s); deleted it: every document's words are counted again from its record "
+                       "(the lexicon is a cache the records rebuild)", self.directory, exc)
+        self._blobs = BlobCache(self.directory, size_limit=None)
+
+    def _guard(self, op: Callable[[BlobCache], Any], default: Any) -> Any:
+        """Run ``op`` on the database; when it turns out damaged, start the lexicon again and run ``op`` once more."""
+        if self._blobs is None:
+            return default
+        try:
+            return op(self._blobs)
+        except StoreError as exc:
+            if not is_damaged(exc):
+                raise
+            self._damaged(exc)
+        return default if self._blobs is None else op(self._blobs)
+
+    def load(self, doc_id: str, checksum: str, n_chunks: int | None = None) -> tuple[Segment | None, str]:
+        """The segment of ``doc_id`` if it was counted from what ``checksum`` names (and has ``n_chunks`` rows); else
+        None and why: ``missing``, ``tokenizer`` (counted by another version of `words`), ``stale`` or ``damaged`` (a
+        damaged blob is dropped, unless read-only)."""
         if self._blobs is None:
             return None, "missing"
-        corrupt = self._blobs.counts["corrupt"] + self._blobs.counts["refused"]
-        got = self._blobs.get("seg/" + doc_id)
+        counts = self._blobs.counts
+        corrupt = counts["corrupt"] + counts["refused"]
+        got = self._guard(lambda b: b.get("seg/" + doc_id), None)
         if got is None:
-            return None, "damaged" if self._blobs.counts["corrupt"] + self._blobs.counts["refused"] > corrupt else "missing"
+            return None, "damaged" if counts["corrupt"] + counts["refused"] > corrupt else "missing"
         try:
             seg = Segment.from_blob(*got)
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
@@ -181,17 +221,21 @@ class LexiconFiles:
             return None, "tokenizer"
         if seg.doc_id != doc_id or seg.checksum != checksum:
             return None, "stale"
+        if n_chunks is not None and seg.n_chunks != n_chunks:
+            logger.warning("lexicon %s: the segment of %r has %d chunk rows for a document of %d chunks", self.directory,
+                           doc_id, seg.n_chunks, n_chunks)
+            return None, "damaged"
         return seg, "ok"
 
     def save(self, segment: Segment) -> None:
-        if self._blobs is not None and not self.read_only:
-            self._blobs.set("seg/" + segment.doc_id, *segment.to_blob())
+        if not self.read_only:
+            self._guard(lambda b: b.set("seg/" + segment.doc_id, *segment.to_blob()), None)
 
     def delete(self, doc_id: str) -> bool:
-        return bool(self._blobs is not None and not self.read_only and self._blobs.delete("seg/" + doc_id))
+        return bool(not self.read_only and self._guard(lambda b: b.delete("seg/" + doc_id), False))
 
     def ids(self) -> list[str]:
-        return [] if self._blobs is None else [k[4:] for k in self._blobs.keys("seg/")]
+        return [k[4:] for k in self._guard(lambda b: b.keys("seg/"), [])]
 
     def prune(self, live: Iterable[str]) -> int:
         """Delete the segments of documents not in ``live``; returns how many. List first, then read ``live``
@@ -363,7 +407,7 @@ class ChunkLexicon:
         with self._lock:
             self._wanted[doc.doc_id] = doc
             self._built = False
-            if segment is not None and segment.checksum == doc_checksum(doc):
+            if segment is not None and segment.checksum == doc_checksum(doc) and segment.n_chunks == doc.n_chunks:
                 self._hold(doc, segment)
 
     def remove(self, doc_id: str) -> None:
@@ -419,7 +463,7 @@ class ChunkLexicon:
             if held is not None and held.segment.checksum == checksum:  # the same content, read again
                 self._held[doc_id] = _Held(doc, held.segment, held.gids)
                 continue
-            seg, state = self.files.load(doc_id, checksum) if self.files is not None else (None, "memory")
+            seg, state = self.files.load(doc_id, checksum, doc.n_chunks) if self.files is not None else (None, "memory")
             if seg is None:
                 seg = Segment.count(doc_id, chunk_texts(doc), checksum)
                 if self.files is not None:

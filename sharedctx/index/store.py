@@ -17,6 +17,7 @@ records that cannot be recomputed are read with `BlobCache.read`, which raises i
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -25,9 +26,8 @@ import sqlite3
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import diskcache
 import numpy as np
@@ -41,6 +41,7 @@ from ..errors import (
     UnsafeEntryError,
 )
 from ..tree import NodeStates
+from .snapshot import Snapshot, db_error
 
 __all__ = [
     "TreeStore",
@@ -51,8 +52,6 @@ __all__ = [
     "StoreMismatchError",
     "UnsafeEntryError",
     "chunk_key",
-    "MergeReport",
-    "merge_stores",
     "pack",
     "unpack",
 ]
@@ -63,6 +62,8 @@ MAGIC = b"SCTX"
 VERSION = 1
 _HEADER = len(MAGIC) + 1 + 32
 DEFAULT_SIZE_LIMIT = 4 * 2**30
+#: value files younger than this are never taken for orphans (another process may be about to record them)
+ORPHAN_AGE_S = 600.0
 
 ChunkNodes = dict[tuple[int, int], NodeStates]  # (level, index) -> states; (0, 0) is the chunk root
 
@@ -161,79 +162,37 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------- read-only snapshots
-class _Snapshot:
-    """A diskcache directory read as an immutable snapshot: SQLite opened ``mode=ro&immutable=1`` (no lock taken, no
-    ``-wal``/``-shm`` file made, nothing written, so it also works on a read-only mount), values read as diskcache
-    stores them (inline, or in their own file). Valid while no process writes the directory: one with writes not
-    yet checkpointed into ``cache.db`` (a writer has it open, or ended without closing it) is refused."""
-
-    def __init__(self, directory: Path) -> None:
-        db, wal = directory / "cache.db", directory / "cache.db-wal"
-        if not db.is_file():
-            raise StoreError(f"{directory} holds no store (no cache.db) to open read-only; build the index first")
-        if wal.is_file() and wal.stat().st_size > 0:
-            raise StoreError(
-                f"{directory} has writes not yet checkpointed into cache.db: a process has it open for writing, or one "
-                "ended without closing it. Close the writers (or open the index once without read_only, which "
-                "checkpoints), then open it read-only"
-            )
-        self._uri = db.resolve().as_uri() + "?mode=ro&immutable=1"
-        self._disk = SafeDisk(str(directory))
-        self._local = threading.local()
-
-    def _sql(self, query: str, params: tuple = ()) -> sqlite3.Cursor:
-        if getattr(self._local, "pid", None) != os.getpid():  # one connection per thread and process
-            self._local.con = sqlite3.connect(self._uri, uri=True, isolation_level=None, check_same_thread=False)
-            self._local.pid = os.getpid()
-        return self._local.con.execute(query, params)
-
-    def get(self, key: str, retry: bool = True) -> bytes | None:
-        rows = self._sql("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1 AND "
-                         "(expire_time IS NULL OR expire_time > ?)", (key, time.time())).fetchall()
-        if not rows:
-            return None
-        try:
-            return self._disk.fetch(*rows[0], False)
-        except OSError:  # its value file is gone: a miss, as diskcache reports it
-            return None
-
-    def __contains__(self, key: str) -> bool:
-        return bool(self._sql("SELECT 1 FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchall())
-
-    def _setting(self, name: str) -> int:
-        rows = self._sql("SELECT value FROM Settings WHERE key = ?", (name,)).fetchall()
-        return int(rows[0][0]) if rows else 0
-
-    def __len__(self) -> int:
-        return self._setting("count")
-
-    def volume(self) -> int:
-        ((pages,),) = self._sql("PRAGMA page_count").fetchall()
-        ((page_size,),) = self._sql("PRAGMA page_size").fetchall()
-        return pages * page_size + self._setting("size")
-
-    def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None and self._local.pid == os.getpid():
-            con.close()
-        self._local = threading.local()
-
-
 # ---------------------------------------------------------------------- a checked bytes cache
+def _guarded(method: Callable) -> Callable:
+    """Turn SQLite's errors (a damaged, truncated or unwritable ``cache.db``) into `StoreError` naming the file."""
+
+    @functools.wraps(method)
+    def run(self: BlobCache, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise db_error(self.directory / "cache.db", exc, self.fix) from exc
+
+    return run
+
+
 class BlobCache:
     """A diskcache of checked blobs: bytes in, bytes out, never pickle; thread- and process-safe.
 
-    With ``read_only``, an immutable snapshot (`_Snapshot`): nothing in the directory is written, a corrupt entry
-    is a miss but stays on disk, and every write raises `ReadOnlyIndexError`."""
+    With ``read_only``, an immutable snapshot (`sharedctx.index.snapshot.Snapshot`; with ``recover``, one that also
+    reads the writes a journal holds, from a copy): nothing in the directory is written, a corrupt entry is a miss
+    but stays on disk, and every write raises `ReadOnlyIndexError`. ``fix`` is what an error about a damaged
+    database tells the user to do. SQLite's own errors surface as `StoreError` naming the file."""
 
-    def __init__(self, directory: str | os.PathLike, *, size_limit: int | None = None, read_only: bool = False) -> None:
+    def __init__(self, directory: str | os.PathLike, *, size_limit: int | None = None, read_only: bool = False,
+                 recover: bool = False, fix: str = "") -> None:
         self.read_only = read_only
+        self.fix = fix or "restore the directory from a copy, or delete it and rebuild what it held"
         self._lock = threading.Lock()
         self.counts = {"hits": 0, "misses": 0, "writes": 0, "corrupt": 0, "refused": 0}
         if read_only:
             self.directory = Path(directory)
-            self._cache: Any = _Snapshot(self.directory)
+            self._cache: Any = Snapshot(self.directory, SafeDisk(str(self.directory)), recover=recover, fix=self.fix)
             return
         self.directory = _private_dir(Path(directory))
         settings: dict[str, Any] = {"eviction_policy": "none"} if size_limit is None else {
@@ -243,8 +202,15 @@ class BlobCache:
         }
         try:
             self._cache = diskcache.Cache(str(self.directory), disk=SafeDisk, timeout=60, **settings)
+        except sqlite3.DatabaseError as exc:
+            raise db_error(self.directory / "cache.db", exc, self.fix) from exc
         except Exception as exc:
             raise StoreError(f"cannot open the store in {self.directory}: {exc}") from exc
+
+    @property
+    def changed(self) -> bool:
+        """Read-only: whether a writer changed the directory since it was opened (always False when writable)."""
+        return bool(self.read_only and self._cache.changed)
 
     def _writable(self) -> None:
         if self.read_only:
@@ -259,6 +225,7 @@ class BlobCache:
         with self._lock:
             self.counts[name] += 1
 
+    @_guarded
     def get(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """The decoded entry, or None when it is missing, corrupt (dropped) or unsafe (dropped)."""
         try:
@@ -283,6 +250,7 @@ class BlobCache:
         self._count("hits")
         return out
 
+    @_guarded
     def read(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """The decoded entry or None when missing; a corrupt or unsafe entry raises `StoreError` and stays on
         disk (for records that cannot be computed again, which `get` would drop)."""
@@ -301,6 +269,7 @@ class BlobCache:
         self._count("hits")
         return out
 
+    @_guarded
     def rename(self, key: str, new_key: str) -> bool:
         """Move the entry at ``key`` to ``new_key`` (which must be free) without reading its value: the same
         bytes, inline or in their file, under another key. False when ``key`` is missing."""
@@ -309,6 +278,7 @@ class BlobCache:
             cur = self._cache._sql("UPDATE Cache SET key = ? WHERE key = ? AND raw = 1", (new_key, key))
             return cur.rowcount > 0
 
+    @_guarded
     def set(self, key: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
         self._writable()
         blob = pack(tensors, metadata)
@@ -324,34 +294,75 @@ class BlobCache:
             raise StoreError(f"cannot write to the store in {self.directory}: {exc}") from exc
         self._count("writes")
 
+    @_guarded
     def add_raw(self, key: str, value: bytes) -> bytes:
         """Store ``value`` under ``key`` unless present (atomically); return what the store now holds."""
         self._writable()
         self._cache.add(key, value, retry=True)
         return self._cache.get(key, retry=True)
 
+    @_guarded
     def get_raw(self, key: str) -> bytes | None:
         return self._cache.get(key, retry=True)
 
+    @_guarded
+    def fetch_raw(self, key: str) -> bytes | None:
+        """The bytes of ``key``, None when it has no row; unlike `get_raw`, a row whose value file is gone raises
+        `StoreError` instead of reading as missing (a merge lists it as refused)."""
+        if self.read_only:
+            return self._cache.fetch(key)
+        rows = self._cache._sql("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchall()
+        if not rows:
+            return None
+        try:
+            return self._cache._disk.fetch(*rows[0], False)
+        except OSError as exc:
+            raise StoreError(f"the value of {key!r} in {self.directory} is missing ({rows[0][1]}: {exc.strerror or exc})") from exc
+
+    @_guarded
+    def reclaim_orphans(self, min_age_s: float = ORPHAN_AGE_S) -> int:
+        """Delete value files no row refers to (left by a writer killed between writing a value's file and recording
+        it), older than ``min_age_s`` so that a write in progress in another process keeps its file. How many."""
+        self._writable()
+        held = {f for (f,) in self._cache._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()}
+        now, removed = time.time(), 0
+        for path in self.directory.glob("??/??/*.val"):
+            name = str(path.relative_to(self.directory))
+            try:
+                if name not in held and now - path.stat().st_mtime >= min_age_s:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            logger.info("store %s: deleted %d value files no entry referred to (left by an interrupted write)", self.directory, removed)
+        return removed
+
+    @_guarded
     def set_raw(self, key: str, value: bytes) -> None:
         self._writable()
         self._cache.set(key, value, retry=True)
 
+    @_guarded
     def delete(self, key: str) -> bool:
         self._writable()
         return bool(self._cache.delete(key, retry=True))
 
+    @_guarded
     def __contains__(self, key: str) -> bool:
         return key in self._cache
 
+    @_guarded
     def keys(self, prefix: str = "") -> list[str]:
         """Keys starting with ``prefix`` (read straight from the index table: no value is decoded)."""
         rows = self._cache._sql("SELECT key FROM Cache WHERE raw = 1 AND key >= ? AND key < ?", (prefix, prefix + "\uffff"))
         return [k for (k,) in rows.fetchall() if isinstance(k, str)]
 
+    @_guarded
     def __len__(self) -> int:
         return len(self._cache)
 
+    @_guarded
     def volume(self) -> int:
         return int(self._cache.volume())
 
@@ -384,16 +395,15 @@ class TreeStore:
         self.directory = Path(directory) if read_only else _private_dir(Path(directory))
         self.size_limit = int(size_limit)
         self.read_only = read_only
+        fix = (f"The node store is a cache that can be rebuilt: every node is encoded again from the documents when a "
+               f"query needs it. To rebuild it, delete it (`rm -r {self.directory}`) and open the index again (without "
+               "read_only); the documents beside it are kept")
         try:
-            self._blobs = BlobCache(self.directory, size_limit=self.size_limit, read_only=read_only)
+            self._blobs = BlobCache(self.directory, size_limit=self.size_limit, read_only=read_only, fix=fix)
         except StoreError as exc:
-            if read_only:
+            if read_only or fix in str(exc):
                 raise
-            raise StoreError(
-                f"{exc}. The node store is a cache that can be rebuilt: every node is encoded again from the documents "
-                f"when a query needs it. To rebuild it, delete it (`rm -r {self.directory}`) and open the index again; "
-                "the documents beside it are kept"
-            ) from exc
+            raise StoreError(f"{exc}. {fix}") from exc
         self.fingerprint = fingerprint
         self.signature = dict(signature) if signature is not None else None
         if fingerprint is not None:
@@ -407,8 +417,11 @@ class TreeStore:
         if held != mine:
             try:
                 theirs = json.loads(held)
-            except Exception:
-                theirs = {"unreadable": True}
+                if not isinstance(theirs, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError:
+                raise StoreError(f"the manifest of the node store in {self.directory} (its 'manifest' entry) is damaged. "
+                                 f"{self._blobs.fix}") from None
             raise StoreMismatchError(
                 f"the store in {self.directory} was built by base model {theirs.get('fingerprint')} with lower-side options "
                 f"{theirs.get('signature')}; this model is {fingerprint} with {signature}. Use another store directory "
@@ -474,90 +487,3 @@ class TreeStore:
 
     def __repr__(self) -> str:
         return f"TreeStore({str(self.directory)!r}, size_limit={self.size_limit})"
-
-
-# ---------------------------------------------------------------------- merging shards
-@dataclass
-class MergeReport:
-    """What `merge_stores` did: chunks copied, chunks the target held already, entries refused (with why)."""
-
-    shards: list[str] = field(default_factory=list)
-    chunks_added: int = 0
-    chunks_present: int = 0
-    documents_added: int = 0  # index shards only (`ContextIndex.merge`)
-    refused: list[tuple[str, str, str]] = field(default_factory=list)  # (shard, key, reason): corrupt or foreign
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "shards": list(self.shards),
-            "chunks_added": self.chunks_added,
-            "chunks_present": self.chunks_present,
-            "documents_added": self.documents_added,
-            "refused": [{"shard": s, "key": k, "reason": r} for s, k, r in self.refused],
-        }
-
-
-def shard_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The fingerprint and signature a node store (or shard) was bound to; `StoreError` when it has none."""
-    path = Path(directory)
-    if not path.is_dir():
-        raise StoreError(f"{path}: no such store directory")
-    blobs = BlobCache(path, size_limit=None)
-    try:
-        raw = blobs.get_raw("manifest")
-    finally:
-        blobs.close()
-    if raw is None:
-        raise StoreError(f"{path} holds no bound node store (no manifest): it cannot be checked against the target, so it is not merged")
-    return json.loads(raw)
-
-
-def merge_stores(target: TreeStore, shards: Iterable[str | os.PathLike], *, report: MergeReport | None = None) -> MergeReport:
-    """Copy the chunks of node-store ``shards`` that ``target`` lacks into it, byte for byte.
-
-    Every shard is checked first: one bound to another base model or other lower-side options raises
-    `StoreMismatchError` before anything is copied. Every entry is checked (magic, checksum, a chunk of this model)
-    before it is written; a corrupt or foreign entry is skipped and listed in the report's ``refused`` (a chunk is a
-    cache entry: it is encoded again when a query needs it). Content addressing makes the order irrelevant."""
-    if target.fingerprint is None or target.signature is None:
-        raise ValueError("merge_stores needs a target TreeStore bound to a model (fingerprint= and signature=)")
-    report = report if report is not None else MergeReport()
-    mine = {"fingerprint": target.fingerprint, "signature": dict(target.signature)}
-    dirs = [Path(s) for s in shards]
-    for d in dirs:  # all shards checked before any is copied
-        held = shard_manifest(d)
-        theirs = {"fingerprint": held.get("fingerprint"), "signature": held.get("signature")}
-        if theirs != mine:
-            raise StoreMismatchError(
-                f"the shard {d} was built by base model {theirs['fingerprint']} with lower-side options "
-                f"{theirs['signature']}; the target {target.directory} holds {mine['fingerprint']} with {mine['signature']}. "
-                "Merge only shards built with the target's model and options (rebuild this one with them)"
-            )
-    for d in dirs:
-        if d.resolve() == Path(target.directory).resolve():
-            continue
-        shard = BlobCache(d, size_limit=None)
-        try:
-            for key in shard.keys("chunk/"):
-                if key in target:
-                    report.chunks_present += 1
-                    continue
-                try:
-                    blob = shard.get_raw(key)
-                    if blob is None:  # deleted meanwhile
-                        continue
-                    _, meta = unpack(blob)
-                except (StoreError, UnsafeEntryError) as exc:
-                    report.refused.append((str(d), key, str(exc)))
-                    continue
-                if meta.get("kind") != "chunk" or meta.get("fingerprint") != target.fingerprint:
-                    report.refused.append((str(d), key, "not a chunk of this model"))
-                    continue
-                target.blobs.set_raw(key, blob)
-                report.chunks_added += 1
-        finally:
-            shard.close()
-        report.shards.append(str(d))
-    for shard, key, reason in report.refused:
-        logger.warning("merge: refused entry %s of %s: %s", key, shard, reason)
-    return report
