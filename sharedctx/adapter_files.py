@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -21,8 +21,21 @@ from .base_model import DEFAULT_MODEL_NAME
 from .config import ADAPTER_FIELDS, DEFAULT_POLICY, LOWER_FIELDS, SharedCtxConfig
 from .errors import AdapterMismatchError
 
-#: a `sharedctx.SharedLLM` (not imported here: model.py imports this module)
-SharedLLM = Any
+
+
+class SharedLLM(Protocol):
+    """What adapter files read and set on a `sharedctx.SharedLLM` (model.py imports this module, so not the class):
+    its options, base model and fingerprint, the cross-attention blocks and their tensors, and what was loaded."""
+
+    config: SharedCtxConfig
+    base: Any
+    fingerprint: str
+    injection: Any
+    adapter_trained: bool
+    adapter_path: str | None
+    adapter_policy: str | None
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]: ...
 
 __all__ = [
     "ADAPTER_CONFIG",

@@ -436,18 +436,10 @@ class SharedLLM(nn.Module):
         if stats is not None and run.completion is not None:
             stats.update(run.completion.report())
 
-    def stream_completion(
-        self,
-        prompt: str | Sequence[int] | torch.Tensor,
-        *,
-        context: ContextLike | None = None,
-        injection: Injection | None = None,
-        options: SamplingOptions | None = None,
-        chat: bool = True,
-        system: str | None = None,
-    ) -> CompletionStream:
-        """Like `stream`, but the returned iterator holds the typed `Completion` once exhausted (``.completion``)."""
-        return generation.stream(self, self.request(prompt, context=context, injection=injection, options=options, chat=chat, system=system))
+    def stream_completion(self, prompt: str | Sequence[int] | torch.Tensor, **request: Any) -> CompletionStream:
+        """Like `stream`, but the returned iterator holds the typed `Completion` once exhausted (``.completion``);
+        ``request`` takes the keyword arguments of `request` (``context``, ``injection``, ``options``, ``chat``, ``system``)."""
+        return generation.stream(self, self.request(prompt, **request))
 
     def complete(self, prompt: str | Sequence[int] | torch.Tensor, **kwargs: Any) -> Completion:
         """Generate and return the text with token ids, statistics and timings (see `stream` for options)."""
