@@ -139,6 +139,7 @@ def _cmd_train(args) -> int:
     if args.no_progress:
         overrides["progress"] = False
     cfg = load_recipe(args.config, **overrides)
+    _check_sources(cfg, args.config)
     trainer = Trainer(cfg)
     if args.export:
         if not trainer.resume():
@@ -150,6 +151,22 @@ def _cmd_train(args) -> int:
     summary = trainer.fit()
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check_sources(cfg, recipe: str) -> None:
+    """Before loading the model: the recipe's ``sources`` must exist when its ``data`` folder holds no shards yet."""
+    from .errors import RecipeError
+
+    if (Path(cfg.data) / "manifest.json").is_file():
+        return
+    if not cfg.sources:
+        raise RecipeError(f"{recipe}: data = {cfg.data!r} holds no shards and the recipe gives no sources to build them from; "
+                          "set sources (or pass --sources DIR), or point data at a folder of shards")
+    missing = [s for s in cfg.sources if not Path(s).exists()]
+    if missing:
+        raise RecipeError(f"{recipe}: the sources {missing} do not exist (data = {cfg.data!r} holds no shards to train on "
+                          "instead): set the environment variable they name (e.g. SHAREDCTX_DATA=../shared/data) or pass "
+                          "--sources DIR")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ __all__ = [
     "DocumentNotFoundError",
     "TeacherMismatchError",
     "TeacherShardError",
+    "RecipeError",
 ]
 
 
@@ -103,6 +104,11 @@ class DocumentNotFoundError(SharedCtxError, KeyError):
 
 
 # ---------------------------------------------------------------------- training
+class RecipeError(SharedCtxError, ValueError):
+    """A training recipe cannot be used: its file is missing or not valid TOML, JSON or YAML, or a field has the
+    wrong type or value; the message names the file and the field."""
+
+
 class TeacherMismatchError(SharedCtxError, ValueError):
     """Precomputed teacher shards were made by another base model or with other teacher settings (top-k, tail,
     window, context chunks, chunk size), or, when resuming a precomputation, by another recipe."""

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..config import SharedCtxConfig
+from ..errors import MissingDependencyError, RecipeError
 from .data import TASKS
 from .objectives import MARKER, TAILS
 
@@ -128,42 +129,50 @@ class TrainConfig:
     note: str = ""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # types first: a later check would fail on a wrong-typed value with a traceback
+            value = getattr(self, f.name)
+            if not _fits(value, str(f.type)):
+                raise RecipeError(f"TrainConfig.{f.name} must be {_describe(str(f.type))}, got {value!r} ({type(value).__name__})")
         for name in ("context_chunks", "task_chunks"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"TrainConfig.{name} must be [min, max] with 0 <= min <= max, got {[lo, hi]}")
+            pair = getattr(self, name)
+            if len(pair) != 2 or not 0 <= pair[0] <= pair[1]:
+                raise RecipeError(f"TrainConfig.{name} must be [min, max] with 0 <= min <= max, got {pair!r}")
+        for name, least in (("steps", 0), ("batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("checkpoint_every", 0),
+                            ("eval_every", 0), ("threads", 0), ("stop_at_step", 0), ("warmup", 0), ("max_time_s", 0)):
+            if getattr(self, name) < least:
+                what = {"checkpoint_every": " (0: never)", "eval_every": " (0: never)", "max_time_s": " (0: no limit)"}.get(name, "")
+                raise RecipeError(f"TrainConfig.{name} must be >= {least}{what}, got {getattr(self, name)!r}")
         unknown = sorted(set(self.tasks) - set(TASKS) - set(TEXT_TASKS))
         if unknown:
-            raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TEXT_TASKS)}, {', '.join(TASKS)}")
+            raise RecipeError(f"unknown tasks {unknown}; known: {', '.join(TEXT_TASKS)}, {', '.join(TASKS)}")
         if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
-            raise ValueError(f"TrainConfig.tasks must give non-negative weights with a positive sum, got {self.tasks}")
+            raise RecipeError(f"TrainConfig.tasks must give non-negative weights with a positive sum, got {self.tasks}")
         if set(self.task_scale) - set(self.tasks) or any(v <= 0 for v in self.task_scale.values()):
-            raise ValueError(f"TrainConfig.task_scale must give positive factors for tasks of `tasks`, got {self.task_scale}")
+            raise RecipeError(f"TrainConfig.task_scale must give positive factors for tasks of `tasks`, got {self.task_scale}")
         if self.tasks.get("instruction") and not self.instruction_file:
-            raise ValueError("the 'instruction' task needs instruction_file = a JSONL of {context, question, answer}")
+            raise RecipeError("the 'instruction' task needs instruction_file = a JSONL of {context, question, answer}")
         if self.trainable not in ("injection", "gates"):
-            raise ValueError(
+            raise RecipeError(
                 f"TrainConfig.trainable must be 'injection' (every adapter parameter) or 'gates', got {self.trainable!r}; "
                 "to train more than the cross-attention, set upper_lora_rank in the recipe's [sharedctx] table"
             )
         if self.recon_level not in ("finest", "any") or self.recon_span < 1 or not self.recon_marker:
-            raise ValueError(
+            raise RecipeError(
                 f"reconstruction needs recon_level 'finest' or 'any', recon_span >= 1 and a non-empty recon_marker, "
                 f"got {self.recon_level!r}, {self.recon_span}, {self.recon_marker!r}"
             )
         if self.autocast not in AUTOCAST:
-            raise ValueError(f"TrainConfig.autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+            raise RecipeError(f"TrainConfig.autocast must be one of {AUTOCAST}, got {self.autocast!r}")
         if self.distill_tail not in TAILS or self.distill_top_k < 1:
-            raise ValueError(f"distill_tail must be one of {TAILS} and distill_top_k >= 1, got {self.distill_tail!r}, {self.distill_top_k}")
+            raise RecipeError(f"distill_tail must be one of {TAILS} and distill_top_k >= 1, got {self.distill_tail!r}, {self.distill_top_k}")
         if self.eval_every and not (self.eval_text and self.eval_control):
-            raise ValueError("eval_every > 0 needs eval_text (held-out text) and eval_control (an unrelated text of the same genre)")
-        if self.eval_every < 0 or self.eval_windows < 1 or self.eval_context_chunks < 1 or self.eval_window < 2 or self.eval_span < 1:
-            raise ValueError("eval_every >= 0, eval_windows >= 1, eval_context_chunks >= 1, eval_window >= 2 and eval_span >= 1 are required")
+            raise RecipeError("eval_every > 0 needs eval_text (held-out text) and eval_control (an unrelated text of the same genre)")
+        if self.eval_windows < 1 or self.eval_context_chunks < 1 or self.eval_window < 2 or self.eval_span < 1:
+            raise RecipeError(f"eval_windows >= 1, eval_context_chunks >= 1, eval_window >= 2 and eval_span >= 1 are required, got "
+                              f"{self.eval_windows}, {self.eval_context_chunks}, {self.eval_window}, {self.eval_span}")
         lo, hi = self.window_range
         if not 2 <= lo <= hi:
-            raise ValueError(f"TrainConfig.window must be a length >= 2 or [min, max] with 2 <= min <= max, got {self.window!r}")
-        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("steps >= 0, batch_size >= 1 and grad_accum >= 1 are required")
+            raise RecipeError(f"TrainConfig.window must be a length >= 2 or [min, max] with 2 <= min <= max, got {self.window!r}")
         SharedCtxConfig.from_dict(self.sharedctx)  # validate early
 
     def autocast_dtype(self, device_type: str) -> torch.dtype | None:
@@ -177,8 +186,8 @@ class TrainConfig:
         """``(min, max)`` window length (equal for a single length)."""
         w = self.window
         if isinstance(w, (list, tuple)):
-            if len(w) != 2:
-                raise ValueError(f"TrainConfig.window must be a length or [min, max], got {w!r}")
+            if len(w) != 2 or not all(_fits(x, "int") for x in w):
+                raise RecipeError(f"TrainConfig.window must be a length or [min, max], got {w!r}")
             return int(w[0]), int(w[1])
         return int(w), int(w)
 
@@ -187,7 +196,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown recipe keys {unknown}; known keys are {sorted(known)}")
+            raise RecipeError(f"unknown recipe keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,24 +209,21 @@ def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     after expanding environment variables (``sources = ["$SHAREDCTX_DATA"]``); a variable left unset stays as written
     and the trainer names it if it needs that path."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = "is a directory" if path.is_dir() else "does not exist" if not path.exists() else f"cannot be read ({exc})"
+        raise RecipeError(f"the recipe {path} {why}: give a recipe file, e.g. --config recipes/smollm2-cpu.toml") from exc
     suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        data = tomllib.loads(text)
-    elif suffix == ".json":
-        data = json.loads(text)
-    elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as exc:
-            raise ImportError(f"reading {path} needs pyyaml (`pip install pyyaml`), or write the recipe as TOML or JSON") from exc
-        data = yaml.safe_load(text)
-    else:
-        raise ValueError(f"{path}: recipes are .toml, .json or .yaml files")
+    if suffix not in (".toml", ".json", ".yaml", ".yml"):
+        raise RecipeError(f"{path}: recipes are .toml, .json or .yaml files")
+    try:
+        data = _parse(text, suffix, path)
+    except (ValueError, _yaml_error()) as exc:
+        kind = {".toml": "TOML", ".json": "JSON"}.get(suffix, "YAML")
+        raise RecipeError(f"{path} is not valid {kind}: {exc}; fix the line it names") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must hold a table of recipe keys (key = value), not a {type(data).__name__}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     data.update(overrides)
     base = path.parent
@@ -229,6 +235,74 @@ def load_recipe(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     for key in ("data", "out_dir", "instruction_file", "init_adapter", "teacher_dir"):
         if data.get(key) and key not in overrides:
             data[key] = resolve(data[key])
-    if "sources" in data:
-        data["sources"] = [resolve(s) for s in data["sources"]]
-    return TrainConfig.from_dict(data)
+    try:
+        if "sources" in data and isinstance(data["sources"], list) and "sources" not in overrides:
+            data["sources"] = [resolve(s) if isinstance(s, str) else s for s in data["sources"]]
+        return TrainConfig.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{path}: {exc}") from exc
+
+
+def _parse(text: str, suffix: str, path: Path) -> Any:
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        return tomllib.loads(text)
+    if suffix == ".json":
+        return json.loads(text)
+    try:
+        import yaml
+    except ImportError as exc:
+        raise MissingDependencyError(f"reading {path} needs pyyaml (`pip install pyyaml`), or write the recipe as TOML or JSON") from exc
+    return yaml.safe_load(text)
+
+
+def _yaml_error() -> type[Exception]:
+    try:
+        import yaml
+    except ImportError:
+        return ValueError
+    return yaml.YAMLError
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """Whether ``value`` has a type of ``annotation`` (the field's annotation as written: ``int | list[int]``...)."""
+    for option in _options(annotation):
+        if option == "None" and value is None or option == "Any":
+            return True
+        if option == "bool" and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if (option == "int" and isinstance(value, int) or option == "float" and isinstance(value, (int, float))
+                or option == "str" and isinstance(value, str)):
+            return True
+        if option.startswith("list[") and isinstance(value, (list, tuple)):
+            if all(_fits(v, option[5:-1]) for v in value):
+                return True
+        if option.startswith("dict[") and isinstance(value, dict):
+            key, _, item = option[5:-1].partition(",")
+            if all(_fits(k, key.strip()) and _fits(v, item.strip()) for k, v in value.items()):
+                return True
+    return False
+
+
+def _options(annotation: str) -> list[str]:
+    """``int | list[int]`` -> ``["int", "list[int]"]`` (split at the top level only)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(annotation):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            out.append(annotation[start:i].strip())
+            start = i + 1
+    return [*out, annotation[start:].strip()]
+
+
+def _describe(annotation: str) -> str:
+    words = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "unset",
+             "list[int]": "a list of integers", "list[str]": "a list of strings", "dict[str, float]": "a table of numbers",
+             "dict[str, Any]": "a table"}
+    return " or ".join(words.get(o, o) for o in _options(annotation))
