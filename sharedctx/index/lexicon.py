@@ -38,6 +38,7 @@ the same order (Lucene idf ``log(1 + (N - df + 0.5) / (df + 0.5))``, k1 = 1.5, b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -162,10 +163,8 @@ class LexiconFiles:
         self.read_only = read_only
         self._blobs: BlobCache | None = None
         try:
-            if not read_only:
-                self._blobs = BlobCache(self.directory, size_limit=None)
-            elif (self.directory / "cache.db").is_file():
-                self._blobs = BlobCache(self.directory, size_limit=None, read_only=True)
+            if not read_only or (self.directory / "cache.db").is_file():
+                self._blobs = BlobCache(self.directory, size_limit=None, read_only=read_only)
         except StoreError as exc:
             self._damaged(exc)
 
@@ -173,14 +172,12 @@ class LexiconFiles:
         """The lexicon's database is damaged or unreadable: it is a cache of counts derived from the records, so it
         is deleted and started again (read-only: left as it is, and every document is counted in memory)."""
         if self._blobs is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a damaged database may fail too; it is dropped either way
                 self._blobs.close()
-            except Exception:  # closing a damaged database may fail too; it is dropped either way
-                pass
             self._blobs = None
-        if self.read_only or not is_damaged(exc):
-            if not self.read_only:  # busy, locked, no permission: not ours to delete
-                raise exc
+        if not self.read_only and not is_damaged(exc):  # busy, locked, no permission: not ours to delete
+            raise exc
+        if self.read_only:
             logger.warning("lexicon %s cannot be read (%s); counting every document's words in memory instead (open "
                            "read-only: nothing is written; open the index once without read_only to rebuild it)", self.directory, exc)
             return
@@ -202,9 +199,8 @@ class LexiconFiles:
         return default if self._blobs is None else op(self._blobs)
 
     def load(self, doc_id: str, checksum: str, n_chunks: int | None = None) -> tuple[Segment | None, str]:
-        """The segment of ``doc_id`` if it was counted from what ``checksum`` names (and has ``n_chunks`` rows); else
-        None and why: ``missing``, ``tokenizer`` (counted by another version of `words`), ``stale`` or ``damaged`` (a
-        damaged blob is dropped, unless read-only)."""
+        """The segment of ``doc_id`` if counted from what ``checksum`` names (with ``n_chunks`` rows); else None and
+        why: ``missing``, ``tokenizer`` (another version of `words`), ``stale`` or ``damaged`` (dropped unless read-only)."""
         if self._blobs is None:
             return None, "missing"
         counts = self._blobs.counts
