@@ -25,7 +25,7 @@ from .policy import Selection, make_chooser, make_scorer, query_lengths, row_chu
 from .stats import Completion
 from .tree import ContextTree
 
-__all__ = ["SharedLLM", "Completion", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "default_adapter_path"]  # Completion: see generation
+__all__ = ["SharedLLM", "Completion", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "default_adapter_path"]  # Completion: see stats
 
 logger = logging.getLogger(__name__)
 
