@@ -170,6 +170,10 @@ def test_prune_reclaims_value_files_left_by_a_killed_merge(llm, tmp_path, capsys
     assert main(["index", "prune", "--store", str(store), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["orphan_files_removed"] == 1
     assert not (store / "nodes" / old).exists() and (store / "nodes" / young).exists()
+    os.utime(store / "nodes" / young, (hour_ago, hour_ago))
+    with ContextIndex(llm, store) as index:  # the library's prune too
+        index.prune()
+    assert not (store / "nodes" / young).exists()
 
 
 def _garbage_manifest(directory: Path) -> None:

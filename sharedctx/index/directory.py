@@ -59,8 +59,11 @@ def prune_store(table: DocumentTable, store: TreeStore, *, keep: Iterable[str] =
     Safe against concurrent readers and builders of the same directory: the document table is read from disk right
     before deleting, so a chunk of any document recorded by then (in any process) is kept. A reader holding the
     record of a document removed earlier, or a builder that has stored nodes but not yet its record, finds them
-    missing and encodes them again (as after an eviction): never a wrong answer.
+    missing and encodes them again (as after an eviction): never a wrong answer. Value files no entry names (left by
+    a write killed midway, such as a merge) are deleted too, once old enough (`BlobCache.reclaim_orphans`).
     """
+    store.blobs.reclaim_orphans()
+    table.reclaim_orphans()
     keep = set(keep)
     candidates = [k for k in store.chunk_keys() if k not in keep]
     if not candidates:
