@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ARCHS", "VOCAB", "tiny_config", "tiny_model", "byte_tokenizer", "make_llm", "set_gates", "random_ids"]
+__all__ = ["ARCHS", "VOCAB", "tiny_config", "tiny_model", "byte_tokenizer", "make_llm", "set_gates", "random_ids", "GenerationSpy"]
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 VOCAB = 300
@@ -108,3 +108,36 @@ def set_gates(llm, value: float) -> None:
 def random_ids(n: int, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (n,), generator=g)
+
+
+class GenerationSpy:
+    """Records what `SharedLLM.stream_completion` (behind every answer: `generate`, `stream`, `ContextIndex.query`, both
+    integrations) is given, as ``{"prompt": ..., **keywords}`` per call, while used as a context manager::
+
+        with GenerationSpy(llm) as spy:
+            index.query("...")
+        spy.calls[0]["injection"], spy.text(0)
+
+    A prompt of token ids is recorded as a list of ints; a text prompt as the text."""
+
+    def __init__(self, llm) -> None:
+        self.llm, self.calls = llm, []
+
+    def __enter__(self) -> GenerationSpy:
+        original = self.llm.stream_completion
+
+        def stream(prompt, **kw):
+            recorded = prompt if isinstance(prompt, str) else torch.as_tensor(prompt).reshape(-1).tolist()
+            self.calls.append({"prompt": recorded, **kw})
+            return original(prompt, **kw)
+
+        self.llm.stream_completion = stream
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.llm.stream_completion
+
+    def text(self, i: int = 0) -> str:
+        """The prompt of call ``i`` as text (token ids decoded with the model's tokenizer)."""
+        prompt = self.calls[i]["prompt"]
+        return prompt if isinstance(prompt, str) else self.llm.tokenizer.decode(prompt)

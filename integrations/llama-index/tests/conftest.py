@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from sharedctx.testing import GenerationSpy as Spy  # noqa: F401  (the tests import it from here)
 from sharedctx.testing import make_llm
 
 DOCS = {
@@ -51,21 +52,3 @@ def index(llm):
     return SharedContextIndex.from_documents(documents(), llm=llm, top_k=2)
 
 
-class Spy:
-    """Records what `sharedctx.SharedLLM.stream_completion` (behind every answer) is given: the prompt and the injection or context."""
-
-    def __init__(self, llm) -> None:
-        self.llm, self.calls = llm, []
-
-    def __enter__(self):
-        original = self.llm.stream_completion
-
-        def stream(prompt, **kw):
-            self.calls.append({"prompt": prompt, **kw})
-            return original(prompt, **kw)
-
-        self.llm.stream_completion = stream
-        return self
-
-    def __exit__(self, *exc):
-        del self.llm.stream_completion

@@ -13,28 +13,9 @@ from langchain_core.retrievers import BaseRetriever
 
 from conftest import contains
 from langchain_sharedctx import ChatSharedLLM, SharedContextRetriever, create_latent_chain, create_text_chain
+from sharedctx.testing import GenerationSpy as Spy
 
 QUESTION = "What colour is the lantern of the Harrow Point light?"
-
-
-class Spy:
-    """Records what `SharedLLM.stream` is given: the prompt token ids and the injection."""
-
-    def __init__(self, llm) -> None:
-        self.llm, self.calls = llm, []
-
-    def __enter__(self):
-        original = self.llm.stream_completion
-
-        def stream(prompt, **kw):
-            self.calls.append({"prompt": list(prompt), **kw})
-            return original(prompt, **kw)
-
-        self.llm.stream_completion = stream
-        return self
-
-    def __exit__(self, *exc):
-        del self.llm.stream_completion
 
 
 def span_ids(llm, text: str) -> list[int]:

@@ -14,32 +14,9 @@ from pydantic import ValidationError
 from conftest import DOCS
 from langchain_sharedctx import ChatSharedLLM, SharedContextRetriever, create_hybrid_chain, create_latent_chain
 from sharedctx.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODE, DEFAULT_POLICY
+from sharedctx.testing import GenerationSpy as Spy
 
 QUESTION = "What colour is the lantern of the Harrow Point light?"
-
-
-class Spy:
-    """Records what `SharedLLM.stream_completion` (behind every answer) is given."""
-
-    def __init__(self, llm) -> None:
-        self.llm, self.calls = llm, []
-
-    def __enter__(self):
-        original = self.llm.stream_completion
-
-        def stream(prompt, **kw):
-            self.calls.append({"prompt": prompt, **kw})
-            return original(prompt, **kw)
-
-        self.llm.stream_completion = stream
-        return self
-
-    def __exit__(self, *exc):
-        del self.llm.stream_completion
-
-    def text(self, i: int = 0) -> str:
-        prompt = self.calls[i]["prompt"]
-        return prompt if isinstance(prompt, str) else self.llm.tokenizer.decode(list(prompt))
 
 
 def test_defaults(index, llm):
