@@ -162,15 +162,31 @@ def load_llm(args, **config_changes):
     return SharedLLM.from_pretrained(args.model, adapter=adapter_dir if adapter_dir else False, config=config)
 
 
+def portable_path(path: str | os.PathLike | None) -> str | None:
+    """``path`` as a committed result may name it: relative to the repository when inside it, under
+    ``$SHAREDCTX_HOME`` for the converted model cache, else as given (a model id, or a folder the user named)."""
+    if not path:
+        return None if path is None else str(path)
+    resolved = Path(path).resolve()
+    root = Path(__file__).resolve().parents[1]
+    if resolved.is_relative_to(root):
+        return str(resolved.relative_to(root))
+    home = Path(os.environ.get("SHAREDCTX_HOME") or Path.home() / ".cache" / "sharedctx").resolve()
+    if resolved.is_relative_to(home):
+        return "$SHAREDCTX_HOME/" + str(resolved.relative_to(home))
+    return str(path)
+
+
 def model_info(llm) -> dict:
-    """What was measured: base model, adapter (and whether it is trained), configuration."""
+    """What was measured: base model, adapter (and whether it is trained), configuration; paths as `portable_path`
+    writes them, so no machine's folders reach a committed result."""
     cfg = llm.base.config
     return {
-        "model": getattr(cfg, "_name_or_path", "") or "SmolLM2-135M-Instruct",
+        "model": portable_path(getattr(cfg, "_name_or_path", "")) or "SmolLM2-135M-Instruct",
         "fingerprint": llm.fingerprint,
         "max_positions": llm.max_positions,
         "adapter": {
-            "path": llm.adapter_path,
+            "path": portable_path(llm.adapter_path),
             "trained": llm.adapter_trained,
             "sha256": adapter_sha256(llm.adapter_path),
             **_adapter_training(llm.adapter_path),

@@ -51,6 +51,25 @@ def test_no_row_names_a_machine_local_path(report):
         assert not machine_local_paths(row), row
 
 
+def test_committed_results_name_no_machine_local_path():
+    for path in sorted((BENCH / "results").glob("*.json")):
+        text = path.read_text()
+        assert str(ROOT) not in text and not machine_local_paths(text), f"{path.name}: write paths relative to the repository"
+
+
+def test_benchmarks_write_portable_paths(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _common import portable_path
+    finally:
+        sys.path.remove(str(BENCH))
+    monkeypatch.setenv("SHAREDCTX_HOME", str(tmp_path / "home"))
+    assert portable_path(ROOT / SHIPPED) == SHIPPED
+    assert portable_path(tmp_path / "home" / "models" / "m") == "$SHAREDCTX_HOME/models/m"
+    assert portable_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_path(None) is None and portable_path("") == ""
+
+
 def test_every_benchmark_has_a_section(report):
     text = (ROOT / "docs" / "results.md").read_text()
     for prefix, (heading, _) in report.SECTIONS.items():
