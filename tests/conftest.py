@@ -82,3 +82,25 @@ def snapshot(directory: Path) -> dict[str, tuple]:
         digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
         out[str(p.relative_to(directory))] = (digest, st.st_mode, st.st_mtime_ns)
     return out
+
+
+def damage_entry(cache: Path, key: str, at: int, garbage: bytes = b"\xff\xfe") -> bytes:
+    """Overwrite ``len(garbage)`` bytes at offset ``at`` of the diskcache entry whose key matches the SQL LIKE pattern
+    ``key`` in the cache folder ``cache`` (in its SQLite row, or in its file when stored as one); the damaged bytes."""
+    import sqlite3
+
+    con = sqlite3.connect(str(cache / "cache.db"))
+    try:
+        rowid, value, filename = con.execute("SELECT rowid, value, filename FROM Cache WHERE key LIKE ?", (key,)).fetchone()
+        if value is not None:
+            bad = bytes(value[:at]) + garbage + bytes(value[at + len(garbage):])
+            con.execute("UPDATE Cache SET value = ? WHERE rowid = ?", (bad, rowid))
+            con.commit()
+        else:
+            path = cache / filename
+            raw = path.read_bytes()
+            bad = raw[:at] + garbage + raw[at + len(garbage):]
+            path.write_bytes(bad)
+    finally:
+        con.close()
+    return bad

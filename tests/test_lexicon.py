@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_llm
+from conftest import damage_entry, make_llm
 
 from sharedctx import ContextIndex
 from sharedctx.index.documents import _Doc
@@ -182,16 +182,7 @@ def test_missing_stale_or_damaged_lexicon_is_counted_again_with_a_message(lexica
     files = LexiconFiles(store / "lexicon")
     files.save(Segment.count("baker", ["nothing but other words"], checksum="0" * 64))
     files.close()
-    con = sqlite3.connect(str(store / "lexicon" / "cache.db"))
-    rowid, value, filename = con.execute("SELECT rowid, value, filename FROM Cache WHERE key = 'seg/keeper'").fetchone()
-    if value is not None:
-        con.execute("UPDATE Cache SET value = ? WHERE rowid = ?", (bytes(value[:60]) + b"\xff\xfe" + bytes(value[62:]), rowid))
-        con.commit()
-    else:
-        path = store / "lexicon" / filename
-        raw = path.read_bytes()
-        path.write_bytes(raw[:60] + b"\xff\xfe" + raw[62:])
-    con.close()
+    damage_entry(store / "lexicon", "seg/keeper", 60)
     with caplog.at_level(logging.INFO, logger="sharedctx"), open_index(lexical_llm, store) as index:
         assert answers(index) == expected
     assert "stale (1) or damaged (1)" in caplog.text

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import snapshot
+from conftest import damage_entry, snapshot
 
 from sharedctx.cli import main
 from sharedctx.errors import StoreError
@@ -84,18 +84,7 @@ def test_a_lazy_record_never_replaces_an_eager_one(llm, tmp_path):
 
 
 def _damage_one_record(store: Path, doc_id: str) -> None:
-    import sqlite3
-
-    con = sqlite3.connect(str(store / "docs" / "cache.db"))
-    rowid, value, filename = con.execute("SELECT rowid, value, filename FROM Cache WHERE key = ?", ("doc/" + doc_id,)).fetchone()
-    if value is not None:
-        con.execute("UPDATE Cache SET value = ? WHERE rowid = ?", (bytes(value[:200]) + b"\xff\xfe" + bytes(value[202:]), rowid))
-        con.commit()
-    else:
-        path = store / "docs" / filename
-        data = path.read_bytes()
-        path.write_bytes(data[:200] + b"\xff\xfe" + data[202:])
-    con.close()
+    damage_entry(store / "docs", "doc/" + doc_id, 200)
 
 
 def test_merge_reports_a_damaged_record_and_leaves_its_source_unchanged(llm, tmp_path, capsys):

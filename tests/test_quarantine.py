@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import damage_entry
 
 from sharedctx.cli import main
 from sharedctx.errors import StoreError
@@ -29,19 +30,7 @@ def build(llm, tmp_path: Path) -> tuple[Path, Path]:
 
 def damage_record(store: Path) -> bytes:
     """Flip bytes inside the one document record (in its SQLite row, or in its file when stored as one)."""
-    con = sqlite3.connect(str(store / "docs" / "cache.db"))
-    rowid, value, filename = con.execute("SELECT rowid, value, filename FROM Cache WHERE key LIKE 'doc/%'").fetchone()
-    if value is not None:
-        bad = bytes(value[:200]) + b"\xff\xfe\xfd" + bytes(value[203:])
-        con.execute("UPDATE Cache SET value = ? WHERE rowid = ?", (bad, rowid))
-        con.commit()
-    else:
-        path = store / "docs" / filename
-        bad = path.read_bytes()
-        bad = bad[:200] + b"\xff\xfe\xfd" + bad[203:]
-        path.write_bytes(bad)
-    con.close()
-    return bad
+    return damage_entry(store / "docs", "doc/%", 200, b"\xff\xfe\xfd")
 
 
 def kept_bytes(store: Path) -> list[bytes]:
