@@ -251,6 +251,23 @@ def test_trainable_sets_and_the_upper_lora(tmp_path, shards):
         TrainConfig(trainable="injection+norm")
 
 
+def test_trainable_from_trains_only_the_upper_blocks(tmp_path, shards):
+    llm = make_llm(**SMALL)
+    trainer = Trainer(_config(tmp_path, trainable_from=1, steps=4, warmup=0, lr=3e-2, gate_lr=1e-1), llm=llm, shards=shards)
+    trained = {n for n, p in llm.adapter_named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("1.") for n in trained)
+    before = {n: p.detach().clone() for n, p in llm.adapter_named_parameters()}
+    for _ in range(4):
+        trainer.train_step()
+    after = dict(llm.adapter_named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in before if n.startswith("0."))  # layer 0 stays the identity
+    assert float(after["0.gate"]) == 0.0
+    assert any(not torch.equal(after[n], before[n]) for n in before if n.startswith("1."))
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match="trainable_from"):
+            _config(tmp_path, trainable_from=bad)
+
+
 def test_shards_that_train_on_a_held_out_file_are_refused(tmp_path, shards):
     trained = shards.documents("train")[0]["name"]
     with pytest.raises(ValueError, match="holds out"):

@@ -70,6 +70,10 @@ class TrainConfig:
         trainable: ``injection``: every adapter parameter (the cross-attention blocks and, with
             ``[sharedctx] upper_lora_rank > 0``, the upper layers' low-rank updates: the way to train more than the
             paper's blocks without touching the base model); ``gates``: the gates only.
+        trainable_from: train only the cross-attention blocks of layers ``>= trainable_from`` (counting from 0); the
+            blocks below keep what they start with (the identity: gate 0, so those layers run the base model exactly;
+            or an ``init_adapter``'s values). 0 (the default) trains every block. "Only the upper layers read"
+            (issue 25): the blocks below still run, so this tests the idea, not its cost.
         steps: optimiser steps; batch_size rows per micro-batch; grad_accum micro-batches per step.
         lr, gate_lr, warmup, min_lr_ratio, weight_decay, clip: AdamW and schedule.
         device: ``cpu``, ``cuda``...; autocast: ``bf16`` on CUDA only (the CPU runs float32, as every recipe recorded
@@ -108,6 +112,7 @@ class TrainConfig:
     eval_span: int = 64
     init_adapter: str | None = None
     trainable: str = "injection"
+    trainable_from: int = 0
     steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
@@ -155,6 +160,12 @@ class TrainConfig:
             raise RecipeError(
                 f"TrainConfig.trainable must be 'injection' (every adapter parameter) or 'gates', got {self.trainable!r}; "
                 "to train more than the cross-attention, set upper_lora_rank in the recipe's [sharedctx] table"
+            )
+        m = SharedCtxConfig.from_dict(self.sharedctx).injection_layers
+        if not 0 <= self.trainable_from < m:
+            raise RecipeError(
+                f"TrainConfig.trainable_from must be a layer with a cross-attention block, 0 <= trainable_from < "
+                f"injection_layers = {m}, got {self.trainable_from!r}"
             )
         if self.recon_level not in ("finest", "any") or self.recon_span < 1 or not self.recon_marker:
             raise RecipeError(
