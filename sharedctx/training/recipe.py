@@ -161,7 +161,7 @@ class TrainConfig:
                 f"TrainConfig.trainable must be 'injection' (every adapter parameter) or 'gates', got {self.trainable!r}; "
                 "to train more than the cross-attention, set upper_lora_rank in the recipe's [sharedctx] table"
             )
-        m = SharedCtxConfig.from_dict(self.sharedctx).injection_layers
+        m = SharedCtxConfig.from_dict(self.sharedctx).injection_layers  # validates the [sharedctx] table early
         if not 0 <= self.trainable_from < m:
             raise RecipeError(
                 f"TrainConfig.trainable_from must be a layer with a cross-attention block, 0 <= trainable_from < "
@@ -184,7 +184,6 @@ class TrainConfig:
         lo, hi = self.window_range
         if not 2 <= lo <= hi:
             raise RecipeError(f"TrainConfig.window must be a length >= 2 or [min, max] with 2 <= min <= max, got {self.window!r}")
-        SharedCtxConfig.from_dict(self.sharedctx)  # validate early
 
     def autocast_dtype(self, device_type: str) -> torch.dtype | None:
         """The autocast dtype of a step on ``device_type`` (``cpu``, ``cuda``...), or None for none."""

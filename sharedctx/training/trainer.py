@@ -179,11 +179,9 @@ class Trainer:
         for p in llm.parameters():
             p.requires_grad_(False)
         for name, p in llm.adapter_named_parameters():
-            upper_lora = name.startswith("upper_lora.")
-            if not upper_lora and int(name.split(".", 1)[0]) < self.cfg.trainable_from:
-                continue  # a block below trainable_from keeps its start (the identity: gate 0)
             if kind == "injection" or name.endswith("gate"):
                 p.requires_grad_(True)
+        llm.injection[: self.cfg.trainable_from].requires_grad_(False)  # blocks below keep their start (identity: gate 0)
         return [p for p in llm.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ sampling
