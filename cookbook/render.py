@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,13 +41,20 @@ def execute(path: Path, *, timeout: int = 900) -> tuple[nbformat.NotebookNode, f
     return book, time.perf_counter() - t0
 
 
+def portable(text: str) -> str:
+    """``text`` with this machine's folders written as a reader's: the repository's as paths relative to it, the
+    temporary folder as ``$TMPDIR`` (a rendered page names no machine's paths)."""
+    text = text.replace(str(HERE.parent) + os.sep, "")
+    return text.replace(str(Path(tempfile.gettempdir()).resolve()) + os.sep, "$TMPDIR/")
+
+
 def _fence(text: str, lang: str = "") -> str:
     return f"```{lang}\n{text.rstrip()}\n```\n"
 
 
 def to_markdown(book: nbformat.NotebookNode, name: str, files: Path) -> str:
-    """Markdown of an executed notebook: markdown cells as they are, code in fences, text outputs in fences,
-    images written to ``files`` and linked."""
+    """Markdown of an executed notebook: markdown cells as they are, code in fences, text outputs in fences (with
+    `portable` paths), images written to ``files`` and linked."""
     parts: list[str] = []
     n_image = 0
     for cell in book.cells:
@@ -64,7 +72,7 @@ def to_markdown(book: nbformat.NotebookNode, name: str, files: Path) -> str:
             data = out.get("data", {})
             if "image/png" in data:
                 if texts:
-                    parts.append(_fence("".join(texts)))
+                    parts.append(_fence(portable("".join(texts))))
                     texts = []
                 n_image += 1
                 files.mkdir(parents=True, exist_ok=True)
@@ -76,7 +84,7 @@ def to_markdown(book: nbformat.NotebookNode, name: str, files: Path) -> str:
             elif out.output_type == "error":
                 texts.append("\n".join(out.get("traceback", [])))
         if texts:
-            parts.append(_fence("".join(texts)))
+            parts.append(_fence(portable("".join(texts))))
     return "\n".join(parts)
 
 
